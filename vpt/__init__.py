@@ -1,0 +1,1 @@
+"""vpt: visual prompt tuning for frozen vision foundation models."""

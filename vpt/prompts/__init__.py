@@ -1,0 +1,5 @@
+"""Prompt insertion into frozen encoders."""
+
+from vpt.prompts.vit import PromptedViT, prompt_init_bound
+
+__all__ = ["PromptedViT", "prompt_init_bound"]

@@ -1,0 +1,208 @@
+"""Visual Prompt Tuning (Jia et al., ECCV 2022) for frozen timm Vision Transformers."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Set
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.models.vision_transformer import VisionTransformer
+
+from vpt.errors import ConfigError
+from vpt.prompts.attention import concat_prompt_block, key_value_prompt_block, supports_key_value_prompts
+
+__all__ = ["PromptedViT", "prompt_init_bound"]
+
+_logger = logging.getLogger(__name__)
+
+# Children of a timm ViT that belong to the classifier, not to the frozen trunk: they follow
+# the requested train/eval mode even when the trunk is held in eval mode.
+_HEAD_MODULES = ("head", "head_drop")
+
+
+def prompt_init_bound(patch_size: tuple[int, int], prompt_dim: int) -> float:
+    """The VPT paper's uniform init bound, sqrt(6 / (3 * patch_h * patch_w + prompt_dim))."""
+    return math.sqrt(6.0 / float(3 * patch_size[0] * patch_size[1] + prompt_dim))
+
+
+class PromptedViT(nn.Module):
+    """A frozen timm ``VisionTransformer`` with learnable prompt tokens.
+
+    Prompts sit after the prefix tokens (class and register tokens) and before the patch
+    tokens, after the position embeddings, so they carry no position. Shallow prompts are
+    inserted once and travel through every block; deep prompts are new in every block and
+    their outputs are discarded, so a block only needs their keys and values (see
+    :mod:`vpt.prompts.attention`). Pooling and the head never see prompt tokens.
+
+    Args:
+        vit: The timm model to wrap; all its parameters are frozen.
+        num_tokens: Prompt tokens per set; 0 gives the plain frozen model (linear probing).
+        deep: One set per block (VPT-deep) instead of one set at the input (VPT-shallow).
+        dropout: Dropout on the prompts, drawn per sample as in the reference code.
+        project_dim: Learn prompts in this dimension and project them to the model's width
+            with one shared linear layer (the paper's optional projection); None for none.
+        backbone_eval: Hold the frozen trunk in eval mode (no dropout or drop-path) while
+            the module trains. Set False when the backbone itself is trained.
+    """
+
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        num_tokens: int,
+        deep: bool = True,
+        dropout: float = 0.0,
+        project_dim: Optional[int] = None,
+        backbone_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(vit, VisionTransformer):
+            raise ConfigError(
+                f"PromptedViT wraps timm VisionTransformer models, got {type(vit).__name__}; "
+                "pick a ViT model (e.g. model=vit_b)."
+            )
+        if num_tokens < 0:
+            raise ConfigError(f"num_tokens must be >= 0, got {num_tokens}; set method.num_tokens.")
+        self.vit = vit
+        self.vit.requires_grad_(False)
+        self.num_tokens = num_tokens
+        self.deep = deep
+        self.backbone_eval = backbone_eval
+        self.grad_checkpointing = False
+
+        embed_dim = vit.embed_dim
+        prompt_dim = project_dim or embed_dim
+        sets = len(vit.blocks) if deep else 1
+        if num_tokens > 0:
+            bound = prompt_init_bound(tuple(vit.patch_embed.patch_size), prompt_dim)
+            self.prompt_embeddings = nn.Parameter(torch.empty(sets, num_tokens, prompt_dim).uniform_(-bound, bound))
+        else:
+            self.register_parameter("prompt_embeddings", None)
+        if project_dim is not None and num_tokens > 0:
+            self.prompt_proj: nn.Module = nn.Linear(project_dim, embed_dim)
+            nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
+        else:
+            self.prompt_proj = nn.Identity()
+        self.prompt_dropout = nn.Dropout(dropout)
+        self._key_value_blocks = [supports_key_value_prompts(block) for block in vit.blocks]
+        if deep and num_tokens > 0 and not all(self._key_value_blocks):
+            _logger.info("Some blocks are not timm's standard Block; they run deep prompts by concatenation.")
+
+    # timm's model protocol, so timm utilities (data config, optimizers) treat us as a ViT.
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def num_features(self) -> int:
+        return self.vit.num_features
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return self.vit.pretrained_cfg
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.vit.pretrained_cfg
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # Prompts keep weight decay, as in the reference VPT optimiser; only the backbone's
+        # own embeddings are exempt (they matter when the backbone trains).
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.vit.set_grad_checkpointing(enable)
+
+    def get_classifier(self) -> nn.Module:
+        return self.vit.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier with a new, trainable one (timm's ``reset_classifier``)."""
+        self.vit.reset_classifier(num_classes, global_pool)
+        self.vit.get_classifier().requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "PromptedViT":
+        super().train(mode)
+        if mode and self.backbone_eval:
+            for name, module in self.vit.named_children():
+                if name not in _HEAD_MODULES:
+                    module.eval()
+        return self
+
+    def prompts(self, index: int, batch_size: int) -> torch.Tensor:
+        """Prompt tokens of set ``index``, projected and with dropout.
+
+        Returns:
+            (1, T, D) when the batch shares them (no dropout active), else (B, T, D).
+        """
+        prompts = self.prompt_proj(self.prompt_embeddings[index]).unsqueeze(0)
+        if self.training and self.prompt_dropout.p > 0:
+            prompts = self.prompt_dropout(prompts.expand(batch_size, -1, -1))
+        return prompts
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(x)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        return vit.norm_pre(x)
+
+    def _run_block(self, index: int, x: torch.Tensor, prompts: Optional[torch.Tensor]) -> torch.Tensor:
+        block = self.vit.blocks[index]
+        if prompts is None:
+            fn, args = block, (x,)
+        elif self._key_value_blocks[index]:
+            fn, args = key_value_prompt_block, (block, x, prompts)
+        else:
+            fn, args = concat_prompt_block, (block, x, prompts, self.num_prefix_tokens)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm, prompts removed.
+
+        Args:
+            x: Images, (B, C, H, W).
+
+        Returns:
+            (B, num_prefix_tokens + num_patches, D), as timm's ``forward_features``.
+        """
+        x = self._embed(x)
+        batch = x.shape[0]
+        depth = len(self.vit.blocks)
+        if self.num_tokens == 0:
+            for index in range(depth):
+                x = self._run_block(index, x, None)
+        elif self.deep:
+            for index in range(depth):
+                x = self._run_block(index, x, self.prompts(index, batch))
+        else:
+            prefix = self.num_prefix_tokens
+            prompts = self.prompts(0, batch).expand(batch, -1, -1)
+            x = torch.cat([x[:, :prefix], prompts, x[:, prefix:]], dim=1)
+            for index in range(depth):
+                x = self._run_block(index, x, None)
+            x = torch.cat([x[:, :prefix], x[:, prefix + self.num_tokens :]], dim=1)
+        return self.vit.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's pooling and classifier on prompt-free tokens (B, N, D) -> (B, num_classes)."""
+        return self.vit.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
