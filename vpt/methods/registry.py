@@ -1,0 +1,51 @@
+"""Name -> method registry. A method turns a frozen timm ViT into the module that trains."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict
+
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from vpt.errors import ConfigError
+
+__all__ = ["MethodBuilder", "register_method", "build_method", "available_methods"]
+
+_logger = logging.getLogger(__name__)
+
+MethodBuilder = Callable[..., nn.Module]
+_METHODS: Dict[str, MethodBuilder] = {}
+
+
+def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register ``builder(vit, num_classes, **options) -> nn.Module`` under ``name``."""
+
+    def decorator(builder: MethodBuilder) -> MethodBuilder:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        _METHODS[name] = builder
+        return builder
+
+    return decorator
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_method(name: str, vit: VisionTransformer, num_classes: int, **options: Any) -> nn.Module:
+    """Apply method ``name`` to ``vit`` with a fresh ``num_classes`` head.
+
+    Args:
+        name: A registered method (``vpt_deep``, ``vpt_shallow``, ``linear``, ``full``).
+        vit: The timm backbone, pretrained weights already loaded.
+        num_classes: Classes of the new head.
+        **options: The method's own settings (e.g. ``num_tokens``), validated by it.
+
+    Returns:
+        The model to train; only what the method trains has ``requires_grad``.
+    """
+    if name not in _METHODS:
+        raise ConfigError(f"Unknown method {name!r}; choose one of {available_methods()} (method=...).")
+    return _METHODS[name](vit, num_classes, **options)

@@ -1,0 +1,122 @@
+"""Save and load only what a method trained (prompts, projection, head), peft-style.
+
+The file is a ``.safetensors`` of the trainable tensors plus string metadata naming the
+backbone, the method and the run's resolved config, so a few MB (prompts + head) stand in
+for a run even when the frozen backbone is ViT-H.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vpt.errors import CheckpointError
+
+__all__ = ["trainable_state_dict", "save_trained_weights", "load_trained_weights", "read_trained_metadata"]
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "vpt.trained_weights"
+FORMAT_VERSION = "1"
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of every parameter that requires grad, keyed as in ``model.state_dict()``."""
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_trained_weights(model: nn.Module, path: str | Path, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the trainable tensors of ``model`` with metadata.
+
+    Args:
+        model: The trained model.
+        path: Target ``.safetensors`` file.
+        metadata: JSON-serialisable values (backbone name, method, config, class names).
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    for key, value in (metadata or {}).items():
+        header[key] = value if isinstance(value, str) else json.dumps(value)
+    save_file(trainable_state_dict(model), str(path), metadata=header)
+    return path
+
+
+def read_trained_metadata(path: str | Path) -> dict[str, Any]:
+    """Metadata of a trained-weights file, JSON values decoded.
+
+    Raises:
+        CheckpointError: the file is missing or not a vpt trained-weights file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Trained-weights file {path} does not exist; pass the prompts.safetensors of a finished run.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"Cannot read {path} as safetensors ({error}); pass the prompts.safetensors of a vpt run.") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a vpt trained-weights file (no '{FORMAT}' metadata); pass the prompts.safetensors of a vpt run.")
+    decoded: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def load_trained_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a trained-weights file into ``model``, whose trainable set must match it exactly.
+
+    Args:
+        model: A model built the same way as the one that was saved (same backbone,
+            method and number of classes).
+        path: A file written by :func:`save_trained_weights`.
+
+    Returns:
+        The file's metadata.
+
+    Raises:
+        CheckpointError: missing, extra or mis-shaped tensors (named in the message).
+    """
+    metadata = read_trained_metadata(path)
+    tensors = load_file(str(path))
+    expected = dict(model.named_parameters())
+    trainable = {name for name, param in expected.items() if param.requires_grad}
+    missing = sorted(trainable - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mis_shaped = [
+        f"{name} {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}"
+        for name, tensor in tensors.items()
+        if name in expected and tensor.shape != expected[name].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing[:5]}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected[:5]}")
+        if mis_shaped:
+            problems.append(f"mis-shaped {mis_shaped[:5]}")
+        raise CheckpointError(
+            f"{path} does not fit this model ({'; '.join(problems)}); build the model with the backbone, "
+            f"method and classes the file was trained with (its metadata names them: "
+            f"backbone={metadata.get('backbone')}, method={metadata.get('method')})."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected[name].copy_(tensor.to(expected[name].dtype))
+    return metadata

@@ -1,0 +1,149 @@
+"""The run folder: resolved config, metrics.json, curves and preview pictures.
+
+Nothing here overwrites results: a folder that already holds a ``metrics.json`` is refused,
+and JSON files are written to a temporary name first and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vpt.errors import ConfigError
+
+__all__ = [
+    "check_run_dir_is_free",
+    "write_json",
+    "plot_curves",
+    "save_classification_preview",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+def check_run_dir_is_free(run_dir: Path) -> None:
+    """Refuse a run folder that already holds finished results."""
+    if (run_dir / "metrics.json").exists():
+        raise ConfigError(
+            f"Run folder {run_dir} already holds results (metrics.json); choose another hydra.run.dir "
+            "(to resume a run, start a new folder with ckpt_path=<old run>/checkpoints/last.ckpt)."
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return _plain(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Write ``data`` as indented JSON atomically; refuse to replace a file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; vpt does not overwrite results, choose another output folder.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_plain(dict(data)), indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_csv_log(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
+    """Lightning CSVLogger rows -> {metric: [(step, value), ...]} (epoch-level rows use epoch)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(metrics_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = float(row.get("step") or 0)
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> Optional[Path]:
+    """Loss and metric curves from the CSV log, one panel per family (loss, acc, ...)."""
+    if not metrics_csv.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _read_csv_log(metrics_csv)
+    families: dict[str, list[str]] = {}
+    for key in sorted(series):
+        name = key.split("/", 1)[-1]
+        family = "loss" if "loss" in name else ("lr" if name.startswith("lr") else name.split("_")[0])
+        families.setdefault(family, []).append(key)
+    if not families:
+        return None
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    for axis, (family, keys) in zip(axes[0], families.items()):
+        for key in keys:
+            steps, values = zip(*series[key])
+            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        axis.set_title(family)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(N, 3, H, W) normalised -> (N, H, W, 3) in [0, 1]."""
+    images = images * np.asarray(std)[None, :, None, None] + np.asarray(mean)[None, :, None, None]
+    return np.clip(images.transpose(0, 2, 3, 1), 0.0, 1.0)
+
+
+def save_classification_preview(
+    images: np.ndarray,
+    labels: Sequence[int],
+    predictions: Sequence[int],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    out_png: Path,
+) -> Path:
+    """A grid of test images titled ``true -> predicted`` (red when wrong).
+
+    Args:
+        images: Normalised model inputs, (N, 3, H, W).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = _denormalise(images, mean, std)
+    count = len(pictures)
+    cols = min(8, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= count:
+            continue
+        axis.imshow(pictures[index], interpolation="nearest")
+        true, pred = class_names[labels[index]], class_names[predictions[index]]
+        axis.set_title(f"{true}\n-> {pred}", fontsize=7, color="black" if true == pred else "red")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

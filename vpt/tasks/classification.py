@@ -1,0 +1,243 @@
+"""Image classification with a prompted (or linear / fully tuned) backbone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vpt.errors import CheckpointError, VptError
+from vpt.metrics import classification_metrics, per_class_accuracy
+from vpt.runs import save_classification_preview
+from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
+from vpt.tasks.registry import TaskParts, register_task
+
+__all__ = ["ClassificationTask", "TrainableCheckpointMixin", "build_classification"]
+
+_logger = logging.getLogger(__name__)
+
+
+class TrainableCheckpointMixin:
+    """Keep only trained tensors in Lightning checkpoints.
+
+    The frozen backbone is rebuilt from its own weights on resume, so checkpoints hold
+    prompts, head and optimiser state: megabytes even for ViT-H instead of gigabytes. The
+    loaded set is checked against the model's trainable set instead of loading non-strictly
+    and hoping.
+    """
+
+    strict_loading = False
+    model: nn.Module
+    backbone_id: str
+
+    def _trainable_keys(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["vpt_backbone"] = self.backbone_id
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved_backbone = checkpoint.get("vpt_backbone")
+        if saved_backbone is not None and saved_backbone != self.backbone_id:
+            raise CheckpointError(
+                f"This checkpoint was trained on backbone {saved_backbone!r} but the model is {self.backbone_id!r}; "
+                "resume with the same model config."
+            )
+        keys = set(checkpoint.get("state_dict", {}))
+        missing = sorted(self._trainable_keys() - keys)
+        if missing:
+            raise CheckpointError(
+                f"The checkpoint lacks trained tensors {missing[:5]}; resume with the method and task it was trained with."
+            )
+
+
+class ClassificationTask(TrainableCheckpointMixin, L.LightningModule):
+    """Cross-entropy training of ``model`` with VPT's optimiser and schedule.
+
+    Args:
+        model: Maps images (B, 3, H, W) to logits (B, num_classes).
+        num_classes: Number of classes.
+        class_names: Names for the per-class report.
+        optimizer: Optimiser settings (see :class:`~vpt.tasks.optim.OptimizerConfig`).
+        scheduler: Warm-up and cosine settings.
+        label_smoothing: Cross-entropy label smoothing.
+        backbone_id: Names the frozen backbone; a checkpoint of another backbone is refused.
+        hparams: The run's resolved config as plain containers (saved in checkpoints;
+            plain data keeps ``torch.load(weights_only=True)`` working).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        class_names: Optional[Sequence[str]] = None,
+        optimizer: Optional[dict[str, Any]] = None,
+        scheduler: Optional[dict[str, Any]] = None,
+        label_smoothing: float = 0.0,
+        backbone_id: str = "",
+        hparams: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(hparams or {})
+        self.model = model
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.optimizer_config = OptimizerConfig(**(optimizer or {}))
+        self.scheduler_config = SchedulerConfig(**(scheduler or {}))
+        self.label_smoothing = label_smoothing
+        self.backbone_id = backbone_id
+        self.train_metrics = classification_metrics(num_classes, "train/")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.test_per_class = per_class_accuracy(num_classes)
+        self.per_class_result: dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self._loss(logits, labels)
+        if not torch.isfinite(loss):
+            raise VptError(
+                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.base_lr "
+                "(or use trainer.gradient_clip_val=1.0) and check the inputs for NaN values."
+            )
+        self.train_metrics.update(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_metrics.update(logits, labels)
+        self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True, batch_size=labels.shape[0])
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=labels.shape[0])
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_metrics.update(logits, labels)
+        self.test_per_class.update(logits, labels)
+        self.log("test/loss", self._loss(logits, labels), sync_dist=True, batch_size=labels.shape[0])
+        self.log_dict(self.test_metrics, batch_size=labels.shape[0])
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_per_class.compute().tolist()
+        self.per_class_result = {name: float(value) for name, value in zip(self.class_names, values)}
+        self.test_per_class.reset()
+
+    @torch.no_grad()
+    def write_report(self, run_dir: Path, datamodule: L.LightningDataModule, num_pictures: int) -> dict[str, Any]:
+        """Per-class accuracy for metrics.json and a picture of test predictions.
+
+        Returns:
+            Extra entries for metrics.json.
+        """
+        extras: dict[str, Any] = {"test/acc_per_class": dict(self.per_class_result)}
+        if num_pictures <= 0:
+            return extras
+        images, labels = [], []
+        for batch_images, batch_labels in datamodule.test_dataloader():
+            images.append(batch_images)
+            labels.append(batch_labels)
+            if sum(len(b) for b in labels) >= num_pictures:
+                break
+        images_t = torch.cat(images)[:num_pictures]
+        labels_t = torch.cat(labels)[:num_pictures]
+        was_training = self.training
+        self.eval()
+        predictions = self(images_t.to(self.device)).argmax(dim=1).cpu()
+        self.train(was_training)
+        mean, std = datamodule.mean, datamodule.std
+        save_classification_preview(
+            images_t.numpy(), labels_t.tolist(), predictions.tolist(), self.class_names, mean, std,
+            run_dir / "test_predictions.png",
+        )
+        return extras
+
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        batch_size = trainer.datamodule.batch_size if trainer.datamodule is not None else 1
+        return int(batch_size * trainer.world_size * trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        lr = scaled_lr(self.optimizer_config.base_lr, self.global_batch_size())
+        optimizer = build_optimizer(self.model, self.optimizer_config, lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup_steps = round(self.scheduler_config.warmup_epochs * total_steps / epochs)
+        schedule = WarmupCosine(warmup_steps, total_steps, self.scheduler_config.min_lr_ratio)
+        _logger.info(
+            "Learning rate %.4g (base %.4g x global batch %d / 256), %d warm-up of %d steps.",
+            lr, self.optimizer_config.base_lr, self.global_batch_size(), warmup_steps, total_steps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _backbone_id(model_cfg: Any) -> str:
+    return f"{model_cfg.name}@{model_cfg.img_size or 'default'}"
+
+
+@register_task("classification")
+def build_classification(cfg: DictConfig) -> TaskParts:
+    """Backbone -> method -> data -> :class:`ClassificationTask` from the resolved config."""
+    from hydra.utils import instantiate
+
+    from vpt.backbones import create_vit, vit_data_config
+    from vpt.methods import build_method
+
+    model_cfg = cfg.model
+    vit = create_vit(
+        model_cfg.name,
+        pretrained=model_cfg.pretrained,
+        checkpoint=model_cfg.checkpoint,
+        img_size=model_cfg.img_size,
+        **OmegaConf.to_container(model_cfg.kwargs or {}, resolve=True),
+    )
+    data_config = vit_data_config(vit)
+    datamodule = instantiate(
+        cfg.task.data,
+        image_size=tuple(data_config["input_size"][-2:]),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        _convert_="all",
+    )
+    num_classes, class_names = datamodule.num_classes, datamodule.class_names
+    method_options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    model = build_method(cfg.method.name, vit, num_classes, **method_options)
+    module = ClassificationTask(
+        model,
+        num_classes=num_classes,
+        class_names=class_names,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        label_smoothing=cfg.task.get("label_smoothing", 0.0),
+        backbone_id=_backbone_id(model_cfg),
+        hparams=OmegaConf.to_container(cfg, resolve=True),
+    )
+    metadata = {
+        "task": "classification",
+        "backbone": model_cfg.name,
+        "method": cfg.method.name,
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+        "input_size": list(data_config["input_size"]),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+    }
+    return TaskParts(module=module, datamodule=datamodule, model=model, metadata=metadata)
