@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
@@ -34,6 +35,14 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def _accepted_options(builder: MethodBuilder) -> Optional[set[str]]:
+    """Keyword options ``builder`` takes, or None when it takes any (``**options``)."""
+    parameters = list(inspect.signature(builder).parameters.values())[2:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return getattr(builder, "options", None)
+    return {p.name for p in parameters}
+
+
 def build_method(name: str, vit: VisionTransformer, num_classes: int, **options: Any) -> nn.Module:
     """Apply method ``name`` to ``vit`` with a fresh ``num_classes`` head.
 
@@ -48,4 +57,13 @@ def build_method(name: str, vit: VisionTransformer, num_classes: int, **options:
     """
     if name not in _METHODS:
         raise ConfigError(f"Unknown method {name!r}; choose one of {available_methods()} (method=...).")
-    return _METHODS[name](vit, num_classes, **options)
+    builder = _METHODS[name]
+    accepted = _accepted_options(builder)
+    if accepted is not None:
+        # Composed configs can carry another method's settings (an experiment sets
+        # method.num_tokens, the command line says method=linear): say so, then drop them.
+        ignored = sorted(set(options) - accepted)
+        if ignored:
+            _logger.warning("Method %r ignores the options %s.", name, ignored)
+        options = {k: v for k, v in options.items() if k in accepted}
+    return builder(vit, num_classes, **options)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from timm.models.vision_transformer import VisionTransformer
@@ -46,13 +46,20 @@ def _prompted(vit: VisionTransformer, num_classes: int, deep: bool, **options: o
     return model
 
 
+def _with_options(builder):
+    builder.options = {f.name for f in fields(PromptConfig)}
+    return builder
+
+
 @register_method("vpt_deep")
+@_with_options
 def vpt_deep(vit: VisionTransformer, num_classes: int, **options: object) -> PromptedViT:
     """A prompt set in every block; backbone frozen; prompts and head train."""
     return _prompted(vit, num_classes, deep=True, **options)
 
 
 @register_method("vpt_shallow")
+@_with_options
 def vpt_shallow(vit: VisionTransformer, num_classes: int, **options: object) -> PromptedViT:
     """One prompt set at the input; backbone frozen; prompts and head train."""
     return _prompted(vit, num_classes, deep=False, **options)

@@ -53,9 +53,12 @@ class TrainableCheckpointMixin:
             )
         keys = set(checkpoint.get("state_dict", {}))
         missing = sorted(self._trainable_keys() - keys)
-        if missing:
+        extra = sorted(keys - self._trainable_keys())
+        if missing or extra:
+            problems = [f"lacks {missing[:5]}"] if missing else []
+            problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
             raise CheckpointError(
-                f"The checkpoint lacks trained tensors {missing[:5]}; resume with the method and task it was trained with."
+                f"The checkpoint {' and '.join(problems)}; resume with the method and task it was trained with."
             )
 
 
@@ -207,7 +210,7 @@ def build_classification(cfg: DictConfig) -> TaskParts:
         pretrained=model_cfg.pretrained,
         checkpoint=model_cfg.checkpoint,
         img_size=model_cfg.img_size,
-        **OmegaConf.to_container(model_cfg.kwargs or {}, resolve=True),
+        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
     )
     data_config = vit_data_config(vit)
     datamodule = instantiate(

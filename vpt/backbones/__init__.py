@@ -1,0 +1,14 @@
+"""Backbones: timm ViTs built with safely loaded, reported weights."""
+
+from vpt.backbones.checkpoint import SUPPORTED_SUFFIXES, LoadReport, load_weights, read_state_dict
+from vpt.backbones.timm_vit import create_vit, load_vit_checkpoint, vit_data_config
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "LoadReport",
+    "create_vit",
+    "load_vit_checkpoint",
+    "load_weights",
+    "read_state_dict",
+    "vit_data_config",
+]

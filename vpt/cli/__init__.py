@@ -1,0 +1,1 @@
+"""Command-line entry points (``vpt-train``, ``vpt-evaluate``; also ``scripts/*.py``)."""

@@ -1,0 +1,132 @@
+"""Evaluate a finished run, or a trained-weights file plus its backbone, on one split.
+
+    vpt-evaluate run_dir=outputs/2026-11-22/10-00-00 [split=test] [KEY=VALUE ...]
+    vpt-evaluate weights=prompts.safetensors model.checkpoint=vit_b.npz task.data.root=...
+
+Arguments are ``key=value`` pairs like Hydra overrides. ``run_dir``, ``weights``, ``split``
+(train/val/test) and ``output`` belong to this tool; every other key overrides the run's
+resolved config (for example another data folder or backbone weights path). Results go to
+a new folder ``<run_dir>/evaluation/<split>-<time>/metrics.json`` (or ``output=``), never
+over an existing file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from vpt.assets import register_resolvers
+from vpt.cli.errors import exit_on_user_error
+from vpt.errors import ConfigError
+from vpt.methods import load_trained_weights
+from vpt.methods.trained_weights import read_trained_metadata
+from vpt.runs import write_json
+from vpt.tasks import build_task
+
+__all__ = ["evaluate", "main"]
+
+register_resolvers()
+
+_logger = logging.getLogger("vpt.evaluate")
+
+_OWN_KEYS = ("run_dir", "weights", "split", "output")
+_SPLITS = ("train", "val", "test")
+
+
+def _config_and_weights(run_dir: Optional[str], weights: Optional[str]) -> tuple[DictConfig, Path]:
+    if run_dir:
+        folder = Path(run_dir)
+        if not (folder / "config.yaml").is_file():
+            raise ConfigError(f"{folder} is not a finished vpt run (no config.yaml); pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
+        weights_path = Path(weights) if weights else folder / "prompts.safetensors"
+        return OmegaConf.load(folder / "config.yaml"), weights_path
+    if weights:
+        metadata = read_trained_metadata(weights)
+        if not isinstance(metadata.get("config"), dict):
+            raise ConfigError(f"{weights} carries no run config; pass run_dir=<its run folder> instead.")
+        return OmegaConf.create(metadata["config"]), Path(weights)
+    raise ConfigError("Nothing to evaluate; pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
+
+
+def evaluate(
+    run_dir: Optional[str] = None,
+    weights: Optional[str] = None,
+    split: str = "test",
+    output: Optional[str] = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Rebuild the run's model, load its trained weights, and score one split.
+
+    Returns:
+        Metrics keyed ``{split}/...``, also written to ``metrics.json`` in the output folder.
+    """
+    if split not in _SPLITS:
+        raise ConfigError(f"split must be one of {_SPLITS}, got {split!r}.")
+    cfg, weights_path = _config_and_weights(run_dir, weights)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    if output:
+        out_dir = Path(output)
+    else:
+        base = Path(run_dir) if run_dir else weights_path.parent
+        out_dir = base / "evaluation" / f"{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out_dir / "metrics.json").exists():
+        raise ConfigError(f"{out_dir / 'metrics.json'} already exists; pass another output=<folder>.")
+
+    L.seed_everything(cfg.get("seed", 0))
+    parts = build_task(cfg)
+    load_trained_weights(parts.model, weights_path)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.get("accelerator", "auto"),
+        devices=1,
+        precision=trainer_cfg.get("precision", "32-true"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=trainer_cfg.get("enable_progress_bar", True),
+    )
+    parts.datamodule.prepare_data()
+    parts.datamodule.setup("test" if split == "test" else "fit")
+    results = trainer.test(parts.module, dataloaders=parts.datamodule.dataloader(split), verbose=False)
+    metrics = {key.replace("test/", f"{split}/", 1): value for key, value in (results[0] if results else {}).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extras = parts.module.write_report(out_dir, parts.datamodule, 0)
+    metrics.update({key.replace("test/", f"{split}/", 1): value for key, value in extras.items()})
+    metrics.update({"weights": str(weights_path), "split": split})
+    write_json(out_dir / "metrics.json", metrics)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    print(f"Wrote {out_dir / 'metrics.json'}")
+    return metrics
+
+
+@exit_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Console entry point (``vpt-evaluate key=value ...``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        sys.exit(0)
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise ConfigError(f"Arguments must be key=value pairs, got {bad}; see vpt-evaluate --help.")
+    own = {k: None for k in _OWN_KEYS}
+    overrides = []
+    for arg in args:
+        key, value = arg.split("=", 1)
+        if key in own:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    return evaluate(own["run_dir"], own["weights"], own["split"] or "test", own["output"], overrides)
+
+
+if __name__ == "__main__":
+    main()

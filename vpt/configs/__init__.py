@@ -1,0 +1,1 @@
+"""Hydra config tree (package data so the installed entry points find it)."""
