@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +55,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     """
     run_dir = Path(run_dir or _run_dir(cfg))
     check_run_dir_is_free(run_dir)
+    # The CSV log shares the run folder with config.yaml and Hydra's files on purpose.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     L.seed_everything(cfg.seed, workers=True)

@@ -46,6 +46,9 @@ class PromptedViT(nn.Module):
             with one shared linear layer (the paper's optional projection); None for none.
         backbone_eval: Hold the frozen trunk in eval mode (no dropout or drop-path) while
             the module trains. Set False when the backbone itself is trained.
+        key_value_prompts: Run deep prompts as keys and values only where the block allows
+            (exact and faster); False forces the naive concatenation (for checks and
+            benchmarks).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class PromptedViT(nn.Module):
         dropout: float = 0.0,
         project_dim: Optional[int] = None,
         backbone_eval: bool = True,
+        key_value_prompts: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
@@ -86,8 +90,8 @@ class PromptedViT(nn.Module):
         else:
             self.prompt_proj = nn.Identity()
         self.prompt_dropout = nn.Dropout(dropout)
-        self._key_value_blocks = [supports_key_value_prompts(block) for block in vit.blocks]
-        if deep and num_tokens > 0 and not all(self._key_value_blocks):
+        self._key_value_blocks = [key_value_prompts and supports_key_value_prompts(block) for block in vit.blocks]
+        if key_value_prompts and deep and num_tokens > 0 and not all(self._key_value_blocks):
             _logger.info("Some blocks are not timm's standard Block; they run deep prompts by concatenation.")
 
     # timm's model protocol, so timm utilities (data config, optimizers) treat us as a ViT.
