@@ -87,7 +87,10 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> Optional[Path]:
     families: dict[str, list[str]] = {}
     for key in sorted(series):
         name = key.split("/", 1)[-1]
-        family = "loss" if "loss" in name else ("lr" if name.startswith("lr") else name.split("_")[0])
+        if key.startswith("lr"):  # LearningRateMonitor: lr-<Optimizer>/pg<N>
+            family = "learning rate"
+        else:
+            family = "loss" if "loss" in name else name.split("_")[0]
         families.setdefault(family, []).append(key)
     if not families:
         return None
