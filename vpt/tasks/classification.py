@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vpt.errors import CheckpointError, VptError
+from vpt.errors import CheckpointError, ConfigError, VptError
 from vpt.metrics import classification_metrics, per_class_accuracy
 from vpt.runs import save_classification_preview
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
@@ -205,6 +205,10 @@ def build_classification(cfg: DictConfig) -> TaskParts:
     from vpt.methods import build_method
 
     model_cfg = cfg.model
+    if model_cfg.get("family", "timm") != "timm":
+        raise ConfigError(
+            f"Classification needs a timm ViT backbone, got model={model_cfg.name}; pick e.g. model=vit_b."
+        )
     vit = create_vit(
         model_cfg.name,
         pretrained=model_cfg.pretrained,
