@@ -23,6 +23,7 @@ __all__ = [
     "write_json",
     "plot_curves",
     "save_classification_preview",
+    "save_segmentation_overlays",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -148,5 +149,75 @@ def save_classification_preview(
         axis.set_title(f"{true}\n-> {pred}", fontsize=7, color="black" if true == pred else "red")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+_ORGAN_COLOURS = np.array(
+    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128]],
+    dtype=np.float32,
+) / 255.0
+
+
+def _overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """A grey slice (H, W) in [0, 1] with label colours blended in -> (H, W, 3)."""
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    colours = _ORGAN_COLOURS[labels % len(_ORGAN_COLOURS)]
+    mask = (labels > 0)[..., None]
+    return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
+
+
+def save_segmentation_overlays(
+    module: Any, datamodule: Any, count: int, out_png: Path, class_names: Sequence[str]
+) -> Optional[Path]:
+    """Image, ground truth and prediction for the ``count`` most labelled slices of the
+    first test volume, one row per slice, with a colour legend.
+
+    Args:
+        module: Has ``predict_volume(slices (D, 3, H, W), out_size) -> (D, H0, W0)``.
+        datamodule: Its ``test_dataloader()`` yields one volume per batch with ``image``
+            (1, D, 3, H, W) and ``label`` (1, D, H0, W0).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    batch = next(iter(datamodule.test_dataloader()), None)
+    if batch is None:
+        return None
+    slices, label = batch["image"], batch["label"]
+    if slices.ndim == 5:
+        slices, label = slices[0], label[0]
+    foreground = (label > 0).flatten(1).sum(1)
+    chosen = torch.argsort(foreground, descending=True)[: min(count, len(foreground))].sort().values
+    prediction = module.predict_volume(slices[chosen], tuple(label.shape[-2:]))
+    mean, std = np.asarray(datamodule.mean), np.asarray(datamodule.std)
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.6 * len(chosen)), squeeze=False)
+    for row, index in enumerate(chosen.tolist()):
+        image = slices[index].float().cpu().numpy() * std[:, None, None] + mean[:, None, None]
+        gray = np.clip(image[0], 0, 1)
+        size = tuple(label.shape[-2:])
+        if gray.shape != size:  # show the image at the label's resolution
+            gray = torch.nn.functional.interpolate(
+                torch.from_numpy(gray)[None, None], size=size, mode="bilinear", align_corners=False
+            )[0, 0].numpy()
+        truth = label[index].cpu().numpy()
+        for col, (title, picture) in enumerate(
+            [("image", np.repeat(gray[..., None], 3, -1)), ("ground truth", _overlay(gray, truth)),
+             ("prediction", _overlay(gray, prediction[row].numpy()))]
+        ):
+            axes[row, col].imshow(picture, interpolation="nearest")
+            axes[row, col].set_title(f"{title} (slice {index})" if col == 0 else title, fontsize=8)
+            axes[row, col].axis("off")
+    handles = [
+        matplotlib.patches.Patch(color=_ORGAN_COLOURS[i % len(_ORGAN_COLOURS)], label=name)
+        for i, name in enumerate(class_names) if i > 0
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
