@@ -1,0 +1,613 @@
+"""Lightning data module for slice-wise segmentation of 3D volumes (and 2D images).
+
+Cases, never slices, are split into train/val/test, so no patient appears in two splits.
+Training and validation see 2D slices at the backbone's input size; testing sees whole
+volumes, one case per batch, with the label at its original resolution so that 3D Dice and
+HD95 are computed on the data set's own grid.
+
+Batches:
+
+- ``train_dataloader`` / ``val_dataloader`` / ``dataloader(split)``: ``{"image": (B, 3, H, W)
+  float32 normalised, "mask": (B, H, W) int64, "case": list[str], "slice": (B,) int64}``.
+- ``test_dataloader`` / ``dataloader(split, volumes=True)``: batch size 1, ``{"image":
+  (1, D, 3, H, W) float32 normalised, "label": (1, D, H0, W0) int64 at the original
+  resolution, "spacing": (1, 3) float32 mm (z, y, x) or NaN when unknown, "case": [str]}``.
+  Predict slice by slice at ``(H, W)``, resize the predictions to ``(H0, W0)`` (nearest for
+  labels, or bilinear on logits), then score the ``(D, H0, W0)`` volume.
+
+Intensities: CT (raw HU, nnU-Net layout) is clipped to ``window`` and scaled to [0, 1];
+with ``window=None`` each volume is scaled by its 0.5/99.5 percentiles instead (MRI and
+other units). Synapse files and 2D images are already in [0, 1] and are used as they are.
+The [0, 1] slice is replicated to RGB and normalised with the backbone's ``mean``/``std``.
+Slices are resized to ``image_size`` regardless of their pixel spacing, as TransUNet and
+SAMed do.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vpt.data.classification import SPLITS
+from vpt.data.medical.io import read_npz_slice
+from vpt.data.medical.layouts import LAYOUTS, Case, CaseIndex, find_cases, load_case
+from vpt.data.medical.phantom import (
+    DEFAULT_PHANTOM_SHAPE,
+    PHANTOM_CLASS_NAMES,
+    PHANTOM_MARKER,
+    write_phantom_dataset,
+)
+from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
+from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
+from vpt.data.splits import group_split
+from vpt.data.transforms import reseed_worker_transform, to_size
+from vpt.errors import ConfigError, DataError
+
+__all__ = ["VolumeSegmentationDataModule", "SliceDataset", "VolumeDataset", "check_label_values"]
+
+_logger = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_label_values(label: np.ndarray, num_classes: int, case_id: str, source: Path | str | None) -> None:
+    """Check that a label array holds class indices ``0 .. num_classes - 1``.
+
+    Args:
+        label: Integer label array, any shape.
+        num_classes: Number of classes including the background.
+        case_id: The case, for the error message.
+        source: The file the label came from, for the error message.
+
+    Raises:
+        DataError: A negative value, or a value of ``num_classes`` or more.
+    """
+    if label.size == 0:
+        return
+    low, high = int(label.min()), int(label.max())
+    if low < 0:
+        raise DataError(
+            f"Label {source} of case {case_id} holds the negative value {low}; labels must be class indices "
+            f"0 to {num_classes - 1}, so fix the label file."
+        )
+    if high >= num_classes:
+        raise DataError(
+            f"Label {source} of case {case_id} holds the value {high} but num_classes is {num_classes}; set "
+            f"task.data.num_classes to at least {high + 1} or fix the labels."
+        )
+
+
+def _mask_dtype(num_classes: int) -> type[np.integer]:
+    # OpenCV warps 8- and 16-bit masks but not int32/int64 ones.
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+@dataclass(frozen=True)
+class _UnitIntensity:
+    """Maps a case's image to [0, 1]: a small picklable callable, so loader workers get only this.
+
+    Attributes:
+        intensity: ``"raw"`` (scanner units) or ``"unit"`` (already in [0, 1]), from the layout.
+        window: CT window in HU for raw images; ``None`` scales each volume by its percentiles.
+    """
+
+    intensity: str
+    window: tuple[float, float] | None
+
+    def __call__(self, image: np.ndarray, case: Case) -> np.ndarray:
+        """Map ``image`` (any shape, one whole case) to float32 [0, 1], shape kept."""
+        if self.intensity == "unit":
+            return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+        if self.window is None:
+            return scale_to_unit(image)
+        if image.size and float(image.min()) >= 0.0 and float(image.max()) <= 1.0:
+            _logger.warning(
+                "Image %s of case %s is already in [0, 1], not HU; set task.data.window=null if it is not CT.",
+                case.image, case.case_id,
+            )
+        return window_ct(image, *self.window)
+
+
+@dataclass(frozen=True)
+class _SliceRecord:
+    """One training/validation slice: its arrays in memory, or the file that holds them."""
+
+    case_id: str
+    slice_number: int
+    image: np.ndarray | None = None  # (H, W) float16 in [0, 1], or (H, W, 3)
+    label: np.ndarray | None = None  # (H, W) uint8/uint16
+    path: Path | None = None  # Synapse npz slice, read per item
+
+
+class SliceDataset(Dataset):
+    """2D slices of the training or validation cases with their masks.
+
+    Args:
+        records: The slices (in memory or as Synapse ``.npz`` files).
+        transform: Pipeline from :func:`build_segmentation_transforms`.
+        mean: Backbone normalisation mean, [0, 1] units.
+        std: Backbone normalisation standard deviation, [0, 1] units.
+        num_classes: Number of classes (sets the mask type).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[_SliceRecord],
+        transform: A.Compose,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform  # the name reseed_worker_transform looks for
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.mask_dtype = _mask_dtype(num_classes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """One transformed slice.
+
+        Returns:
+            ``{"image": (3, H, W) float32, "mask": (H, W) int64, "case": str, "slice": int}``.
+        """
+        record = self.records[index]
+        if record.path is not None:
+            image, label = read_npz_slice(record.path)
+            image = np.clip(image, 0.0, 1.0)
+        else:
+            image, label = record.image, record.label
+        out = self.transform(image=image.astype(np.float32), mask=label.astype(self.mask_dtype, copy=False))
+        return {
+            "image": to_model_input(out["image"], self.mean, self.std),
+            "mask": torch.from_numpy(out["mask"].astype(np.int64)),
+            "case": record.case_id,
+            "slice": record.slice_number,
+        }
+
+
+class VolumeDataset(Dataset):
+    """Whole cases for evaluation: resized, normalised slices and the original-resolution label.
+
+    Args:
+        cases: The cases, one item each.
+        to_unit: Turns a case's image into [0, 1] (windowing or scaling), shape kept.
+        transform: Evaluation pipeline (resize only).
+        mean: Backbone normalisation mean, [0, 1] units.
+        std: Backbone normalisation standard deviation, [0, 1] units.
+        num_classes: Number of classes, to check the labels.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        to_unit: Callable[[np.ndarray, Case], np.ndarray],
+        transform: A.Compose,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+    ) -> None:
+        self.cases = list(cases)
+        self.to_unit = to_unit
+        self.transform = transform
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_classes = int(num_classes)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """One case.
+
+        Returns:
+            ``{"image": (D, 3, H, W) float32, "label": (D, H0, W0) int64, "spacing": (3,)
+            float32 (NaN when unknown), "case": str}``.
+        """
+        case = self.cases[index]
+        arrays = load_case(case)
+        assert arrays.image is not None and arrays.label is not None, "evaluation cases are labelled"
+        check_label_values(arrays.label, self.num_classes, case.case_id, case.label)
+        unit = self.to_unit(arrays.image, case)
+        slices = [
+            to_model_input(self.transform(image=unit[position])["image"], self.mean, self.std)
+            for position in range(unit.shape[0])
+        ]
+        spacing = arrays.spacing if arrays.spacing is not None else (float("nan"),) * 3
+        return {
+            "image": torch.stack(slices),
+            "label": torch.from_numpy(arrays.label.astype(np.int64)),
+            "spacing": torch.tensor(spacing, dtype=torch.float32),
+            "case": case.case_id,
+        }
+
+
+class VolumeSegmentationDataModule(L.LightningDataModule):
+    """Slice-wise segmentation data from an nnU-Net, Synapse or 2D-folder data set.
+
+    ``class_names`` and ``num_classes`` are available right after construction (they only
+    list folders and read ``dataset.json``), so the model head can be built before the
+    Trainer runs. ``setup()`` splits the cases; the slices of a split are read when its
+    loader is first asked for (in the main process, so worker processes share them).
+
+    Splits are by case and seeded: Synapse's ``test_vol_h5`` (or nnU-Net's ``imagesTs`` with
+    ``labelsTs``) is the test split and ``val_fraction`` of the other cases becomes val;
+    without an official test split, ``val_fraction`` and ``test_fraction`` of the cases
+    become val and test.
+
+    Training and validation use every slice with foreground plus a seeded
+    ``empty_slice_fraction`` of the empty ones (chosen once per case, so the set is the same
+    every epoch); ``slices_per_volume`` then caps the slices per case. 2D images are always
+    used. ``empty_slice_fraction=1`` uses all slices, as TransUNet does.
+
+    Args:
+        root: The data set folder.
+        layout: ``"auto"`` or one of ``"nnunet"``, ``"synapse"``, ``"folder2d"``.
+        num_classes: Number of classes including the background; ``None`` takes the
+            layout's class names (``dataset.json``; Synapse's 9).
+        image_size: Backbone input side, or ``(height, width)``.
+        mean: Backbone normalisation mean per RGB channel, in [0, 1] units.
+        std: Backbone normalisation standard deviation per RGB channel, in [0, 1] units.
+        window: CT window ``(low, high)`` in HU applied to raw volumes; ``None`` scales each
+            volume by its percentiles (non-CT). Not applied to data already in [0, 1].
+        batch_size: Training batch size (slices).
+        eval_batch_size: Validation batch size (slices); ``None`` uses ``batch_size``.
+        num_workers: Loader worker processes; 0 loads in the main process.
+        val_fraction: Share of the (non-test) cases used for validation.
+        test_fraction: Share of the cases used for testing when there is no official test split.
+        seed: Seed of the case split, the slice sampling and the augmentation stream.
+        augment: Whether training slices get random affine and intensity changes.
+        slices_per_volume: Most slices a case contributes to train/val; ``None`` for no cap.
+        empty_slice_fraction: Share of a volume's label-free slices used for train/val.
+        generate_phantoms: Write phantom CT cases to ``root`` first when it holds no data.
+        num_phantoms: Number of phantom cases to write.
+        phantom_seed: Seed of the phantom cases (separate from ``seed``, so another split
+            seed does not change the data).
+        phantom_shape: ``(D, H, W)`` of each phantom case.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        layout: str = "auto",
+        num_classes: int | None = None,
+        image_size: int | Sequence[int] = 1024,
+        mean: Sequence[float] = _IMAGENET_MEAN,
+        std: Sequence[float] = _IMAGENET_STD,
+        window: Sequence[float] | None = ABDOMEN_WINDOW,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        augment: bool = True,
+        slices_per_volume: int | None = None,
+        empty_slice_fraction: float = 0.1,
+        generate_phantoms: bool = False,
+        num_phantoms: int = 12,
+        phantom_seed: int = 0,
+        phantom_shape: Sequence[int] = DEFAULT_PHANTOM_SHAPE,
+    ) -> None:
+        super().__init__()
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ConfigError(
+                f"Layout {layout!r} is not known; set task.data.layout to auto or one of {', '.join(LAYOUTS)}."
+            )
+        if num_classes is not None and num_classes < 2:
+            raise ConfigError(f"num_classes={num_classes} is not valid; count the background, so use 2 or more.")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ConfigError(f"Batch size {batch_size}/{eval_batch_size} is not valid; use 1 or more.")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers={num_workers} is not valid; use 0 or more.")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ConfigError(
+                f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training cases; "
+                "use fractions in [0, 1) that sum to less than 1."
+            )
+        if not 0 <= empty_slice_fraction <= 1:
+            raise ConfigError(f"empty_slice_fraction={empty_slice_fraction} is not valid; use a value in [0, 1].")
+        if slices_per_volume is not None and slices_per_volume < 1:
+            raise ConfigError(f"slices_per_volume={slices_per_volume} is not valid; use 1 or more, or null for all.")
+        if window is not None:
+            window = tuple(float(value) for value in window)
+            if len(window) != 2 or not window[0] < window[1]:
+                raise ConfigError(
+                    f"CT window {window} is not valid; set task.data.window to [low, high] with low < high, or null."
+                )
+        # Plain tuples (not Hydra ListConfigs) so nothing unpicklable reaches a checkpoint.
+        self.root = Path(root).expanduser()
+        self.layout = layout
+        self.requested_num_classes = num_classes
+        self.image_size = to_size(image_size)
+        self.mean = tuple(float(value) for value in mean)
+        self.std = tuple(float(value) for value in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(
+                f"Normalisation mean {self.mean} / std {self.std} is not valid; give three values each, std > 0."
+            )
+        self.window = window
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.seed = int(seed)
+        self.augment = bool(augment)
+        self.slices_per_volume = slices_per_volume
+        self.empty_slice_fraction = float(empty_slice_fraction)
+        self.generate_phantoms = bool(generate_phantoms)
+        self.num_phantoms = int(num_phantoms)
+        self.phantom_seed = int(phantom_seed)
+        self.phantom_shape = tuple(int(side) for side in phantom_shape)
+        self._index: CaseIndex | None = None
+        self._class_names: list[str] | None = None
+        self._split_cases: dict[str, list[Case]] | None = None
+        self._records: dict[str, list[_SliceRecord]] = {}
+        self._datasets: dict[tuple[str, bool], Dataset] = {}
+        self._unit_intensity: _UnitIntensity | None = None
+
+    # -- data on disk ---------------------------------------------------------------------
+
+    def _wants_phantoms(self) -> bool:
+        """Whether phantoms go to ``root``: asked for, and root is empty or holds phantoms."""
+        if not self.generate_phantoms:
+            return False
+        if not self.root.is_dir() or (self.root / PHANTOM_MARKER).is_file():
+            return True
+        return not any(not path.name.startswith(".") for path in self.root.iterdir())
+
+    def prepare_data(self) -> None:
+        """Write the phantom cases when asked for (Lightning runs this on one process per node)."""
+        if self._wants_phantoms():
+            write_phantom_dataset(self.root, self.num_phantoms, seed=self.phantom_seed, shape=self.phantom_shape)
+
+    def case_index(self) -> CaseIndex:
+        """The cases and class names found in ``root`` (listed once, no image decoded)."""
+        if self._index is None:
+            self.prepare_data()
+            self._index = find_cases(self.root, self.layout)
+        return self._index
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names by index, background first."""
+        if self._class_names is None:
+            if self._wants_phantoms():
+                # Known without the files, so no process writes phantoms just to learn the names.
+                names: Sequence[str] | None = PHANTOM_CLASS_NAMES
+            else:
+                names = self.case_index().class_names
+            wanted = self.requested_num_classes
+            if names is None:
+                if wanted is None:
+                    raise DataError(
+                        f"Data folder {self.root} does not name its classes; set task.data.num_classes or add a "
+                        "dataset.json with 'labels'."
+                    )
+                names = ["background", *(f"class_{index}" for index in range(1, wanted))]
+            elif wanted is not None and wanted != len(names):
+                _logger.warning(
+                    "num_classes=%d differs from the %d classes named in %s; using %d.",
+                    wanted, len(names), self.root, wanted,
+                )
+                names = [*names[:wanted], *(f"class_{index}" for index in range(len(names), wanted))]
+            self._class_names = list(names)
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including the background (the model's output channels)."""
+        return len(self.class_names)
+
+    # -- splits ---------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the cases into train/val/test by case (idempotent); slices are read later."""
+        if self._split_cases is not None:
+            return
+        index = self.case_index()
+        cases = list(index.cases)
+        if index.test:
+            fractions = {"train": 1.0 - self.val_fraction, "val": self.val_fraction}
+        else:
+            fractions = {
+                "train": 1.0 - self.val_fraction - self.test_fraction,
+                "val": self.val_fraction,
+                "test": self.test_fraction,
+            }
+        split: dict[str, list[Case]] = {name: [] for name in SPLITS}
+        if cases:
+            # One item per case, so group_split keeps every case (patient) in one split.
+            parts = group_split([case.case_id for case in cases], fractions, seed=self.seed)
+            for name, indices in parts.items():
+                split[name] = [cases[position] for position in indices]
+        if index.test:
+            split["test"] = list(index.test)
+        self._split_cases = split
+        _logger.info(
+            "%s: %d classes; cases: train %d, val %d, test %d%s (seed %d).",
+            self.root, self.num_classes, len(split["train"]), len(split["val"]), len(split["test"]),
+            " (official test split)" if index.test else "", self.seed,
+        )
+
+    def cases(self, split: str) -> list[Case]:
+        """The cases of one split after ``setup()``.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            The split's cases, sorted by case id.
+        """
+        if split not in SPLITS:
+            raise ConfigError(f"Split {split!r} does not exist; use one of {', '.join(SPLITS)}.")
+        self.setup()
+        assert self._split_cases is not None
+        return list(self._split_cases[split])
+
+    # -- intensities and slices -----------------------------------------------------------
+
+    def _intensity(self) -> _UnitIntensity:
+        """The rule that maps this data set's images to [0, 1]."""
+        if self._unit_intensity is None:
+            intensity = self.case_index().intensity
+            if intensity == "unit" and self.window is not None:
+                _logger.info(
+                    "%s images are already in [0, 1]; the CT window %s is not applied.", self.root, self.window
+                )
+            self._unit_intensity = _UnitIntensity(intensity, self.window)
+        return self._unit_intensity
+
+    def _select_slices(self, foreground: np.ndarray, case_id: str) -> np.ndarray:
+        """Positions of the slices a case contributes to train/val.
+
+        Args:
+            foreground: ``(D,)`` bool, whether each slice has a labelled voxel.
+            case_id: Seeds the choice together with ``seed``, so it does not depend on order.
+
+        Returns:
+            Sorted int64 positions.
+        """
+        if len(foreground) == 1:
+            return np.zeros(1, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode("utf-8"))])
+        empty = np.flatnonzero(~foreground)
+        keep = int(round(self.empty_slice_fraction * len(empty)))
+        chosen = np.concatenate([np.flatnonzero(foreground), rng.choice(empty, keep, replace=False)])
+        if self.slices_per_volume is not None and len(chosen) > self.slices_per_volume:
+            chosen = rng.choice(chosen, self.slices_per_volume, replace=False)
+        return np.sort(chosen).astype(np.int64)
+
+    def _slice_records(self, split: str) -> list[_SliceRecord]:
+        """Read and check the labels of one split and keep its chosen slices (once per split)."""
+        if split in self._records:
+            return self._records[split]
+        num_classes = self.num_classes
+        mask_dtype = _mask_dtype(num_classes)
+        records: list[_SliceRecord] = []
+        for case in self.cases(split):
+            if case.kind == "synapse_slices":
+                # Slices stay in their files and are read per item; only the labels are read now.
+                labels = []
+                for path in case.slice_files:
+                    _, label = read_npz_slice(path, label_only=True)
+                    check_label_values(label, num_classes, case.case_id, path)
+                    labels.append(label.any())
+                for position in self._select_slices(np.asarray(labels), case.case_id):
+                    records.append(
+                        _SliceRecord(case.case_id, int(case.slice_numbers[position]), path=case.slice_files[position])
+                    )
+                continue
+            arrays = load_case(case)
+            assert arrays.image is not None and arrays.label is not None, "training cases are labelled"
+            check_label_values(arrays.label, num_classes, case.case_id, case.label)
+            positions = self._select_slices(arrays.label.reshape(len(arrays.label), -1).any(axis=1), case.case_id)
+            # Scaled as a whole volume (percentile scaling must match the test volumes'), then only
+            # the chosen slices are kept, in half precision: [0, 1] needs no more.
+            images = self._intensity()(arrays.image, case)[positions].astype(np.float16)
+            labels = arrays.label[positions].astype(mask_dtype)
+            for offset, position in enumerate(positions):
+                records.append(
+                    _SliceRecord(case.case_id, int(arrays.slice_numbers[position]), images[offset], labels[offset])
+                )
+        if not records and self.cases(split):
+            _logger.warning(
+                "The %s cases of %s have no labelled slice and empty_slice_fraction=%s keeps no empty one.",
+                split, self.root, self.empty_slice_fraction,
+            )
+        self._records[split] = records
+        return records
+
+    # -- datasets and loaders -------------------------------------------------------------
+
+    def dataset(self, split: str, train: bool = False) -> SliceDataset:
+        """Slice dataset of one split, with training (random) or evaluation transforms.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            train: Whether to use the training transforms (only for ``"train"``).
+
+        Returns:
+            A dataset of ``{"image", "mask", "case", "slice"}`` items.
+        """
+        training = bool(train and split == "train")
+        key = (split, training)
+        # Cached so a reloaded train loader continues the augmentation stream.
+        if key not in self._datasets:
+            records = self._slice_records(split)
+            if not records:
+                raise DataError(
+                    f"The {split} split of {self.root} has no slices ({len(self.cases(split))} cases); add cases "
+                    "or change task.data.val_fraction/test_fraction."
+                )
+            transform = build_segmentation_transforms(
+                self.image_size, train=training, augment=self.augment, seed=self.seed if training else None
+            )
+            self._datasets[key] = SliceDataset(records, transform, self.mean, self.std, self.num_classes)
+        return self._datasets[key]  # type: ignore[return-value]
+
+    def volume_dataset(self, split: str) -> VolumeDataset:
+        """Whole-case dataset of one split for 3D evaluation (see the module docstring)."""
+        cases = self.cases(split)
+        if not cases:
+            raise DataError(
+                f"The {split} split of {self.root} has no cases; add cases or change "
+                "task.data.val_fraction/test_fraction."
+            )
+        transform = build_segmentation_transforms(self.image_size, train=False)
+        return VolumeDataset(cases, self._intensity(), transform, self.mean, self.std, self.num_classes)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training slices; drops a last partial batch if more than one batch exists."""
+        dataset = self.dataset("train", train=True)
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation slices in a fixed order."""
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test volumes, one case per batch."""
+        return self.dataloader("test", volumes=True)
+
+    def dataloader(self, split: str, volumes: bool = False) -> DataLoader:
+        """Batches of any split in a fixed order, without augmentation.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            volumes: Whole cases (batch size 1) instead of slices.
+
+        Returns:
+            A loader of slice or volume batches (see the module docstring).
+        """
+        if volumes:
+            # Volumes at the model's size are large; pinning each would copy it once more.
+            return self._loader(self.volume_dataset(split), 1, shuffle=False, drop_last=False, pin_memory=False)
+        return self._loader(self.dataset(split, train=False), self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, pin_memory: bool | None = None
+    ) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            worker_init_fn=reseed_worker_transform if workers > 0 else None,
+        )

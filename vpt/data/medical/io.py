@@ -1,0 +1,338 @@
+"""Reading and writing medical volumes and the per-slice files of preprocessed data sets.
+
+Every reader returns arrays in ``(D, H, W)`` = ``(z, y, x)`` order and spacings in
+millimetres in the same ``(z, y, x)`` order, whatever the file stores.
+
+Orientation is taken as the voxels are stored: NIfTI arrays are only transposed from
+nibabel's ``(x, y, z)`` to ``(z, y, x)`` and ITK arrays are already ``(z, y, x)``. Neither
+is reoriented to a canonical frame (RAS, LPS), so two files of one patient stored with
+different direction matrices give differently flipped arrays. Data sets written by one tool
+(nnU-Net, the Medical Segmentation Decathlon) store every case the same way, which is all
+slice-wise training needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vpt.errors import DataError
+
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "volume_suffix",
+    "read_volume",
+    "read_volume_shape",
+    "write_volume",
+    "read_npz_slice",
+    "read_h5_volume",
+    "read_mask_2d",
+]
+
+_logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_ITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
+
+Spacing = tuple[float, float, float]
+
+
+def volume_suffix(path: str | Path) -> str | None:
+    """The volume suffix of a file name (``.nii.gz`` counts as one), or ``None``.
+
+    Args:
+        path: A file name or path.
+
+    Returns:
+        One of ``VOLUME_SUFFIXES`` (lower case), or ``None`` for other files.
+    """
+    name = Path(path).name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _as_label(values: np.ndarray, path: Path) -> np.ndarray:
+    """Turn label voxels into the smallest integer type that holds them.
+
+    Labels stored as floats (some tools write them so) must still be whole numbers; a
+    fraction means an image was passed where a label was expected or the label was resampled
+    with linear interpolation.
+    """
+    if not np.issubdtype(values.dtype, np.integer):
+        rounded = np.rint(values)
+        if not np.allclose(rounded, values, atol=1e-3):
+            raise DataError(
+                f"Label file {path} holds non-integer values; labels must be class indices "
+                "(resample labels with nearest-neighbour interpolation)."
+            )
+        values = rounded
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low >= 0 and high <= np.iinfo(np.uint8).max:
+        return values.astype(np.uint8, copy=False)
+    if np.iinfo(np.int16).min <= low and high <= np.iinfo(np.int16).max:
+        return values.astype(np.int16, copy=False)
+    return values.astype(np.int64, copy=False)
+
+
+def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    """Drop trailing singleton axes (NIfTI pads to 4D or 5D) and insist on three axes."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise DataError(
+            f"Volume {path} has shape {array.shape} but one 3D channel is expected; "
+            "split multi-channel or time-series files into one file per channel."
+        )
+    return array
+
+
+def read_volume(path: str | Path, label: bool = False) -> tuple[np.ndarray, Spacing]:
+    """Read a NIfTI, NRRD, MHA or MHD volume.
+
+    Args:
+        path: The volume file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` or ``.mhd``).
+        label: Whether the file is a label map: values are checked to be whole numbers and
+            returned as the smallest fitting integer type (uint8 for up to 255 classes).
+
+    Returns:
+        ``(array, spacing)``: the voxels as ``(D, H, W)`` = ``(z, y, x)`` (float32 for
+        images, integers for labels) and the voxel size in mm as ``(z, y, x)``.
+
+    Raises:
+        DataError: The file is missing, unreadable, not 3D, or has another suffix.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise DataError(
+            f"Volume {path} has an unsupported file type; convert it to one of {', '.join(VOLUME_SUFFIXES)}."
+        )
+    if not path.is_file():
+        raise DataError(f"Volume {path} does not exist; restore it or remove the case from the data set.")
+    try:
+        if suffix in _NIFTI_SUFFIXES:
+            array, spacing = _read_nifti(path, label)
+        else:
+            array, spacing = _read_itk(path, label)
+    except DataError:
+        raise
+    except Exception as error:  # nibabel and ITK raise many unrelated types for broken files
+        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
+    array = _squeeze_to_3d(array, path)
+    array = _as_label(array, path) if label else array.astype(np.float32, copy=False)
+    return np.ascontiguousarray(array), spacing
+
+
+def read_volume_shape(path: str | Path) -> tuple[int, ...]:
+    """The ``(D, H, W)`` shape of a volume file, read from its header without decoding voxels.
+
+    Args:
+        path: The volume file (any of ``VOLUME_SUFFIXES``).
+
+    Returns:
+        The shape as :func:`read_volume` would return it (trailing singleton axes dropped).
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None or not path.is_file():
+        return read_volume(path).shape  # raises the matching DataError
+    try:
+        if suffix in _NIFTI_SUFFIXES:
+            import nibabel as nib
+
+            shape = tuple(int(side) for side in nib.load(str(path)).shape)
+            shape = (*shape[:3][::-1], *shape[3:])
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shape = tuple(int(side) for side in reader.GetSize()[::-1])
+    except Exception as error:  # as in read_volume: broken headers raise many types
+        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, Spacing]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    # dataobj keeps the stored integer type for labels; get_fdata would scale to float64.
+    array = np.asanyarray(image.dataobj) if label else image.get_fdata(dtype=np.float32)
+    zooms = tuple(float(zoom) for zoom in image.header.get_zooms()[:3])
+    if array.ndim < 3 or len(zooms) < 3:
+        raise DataError(f"Volume {path} has shape {array.shape}, not three axes; save it as a 3D volume.")
+    # nibabel indexes (x, y, z, ...); move the spatial axes to (z, y, x) and keep the rest behind.
+    array = np.moveaxis(array, (0, 1, 2), (2, 1, 0))
+    return array, (zooms[2], zooms[1], zooms[0])
+
+
+def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, Spacing]:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"Volume {path} has {image.GetDimension()} axes and {image.GetNumberOfComponentsPerPixel()} "
+            "component(s) per voxel; save it as a 3D volume with one value per voxel."
+        )
+    array = sitk.GetArrayFromImage(image)  # already (z, y, x)
+    spacing = tuple(float(value) for value in image.GetSpacing())  # (x, y, z)
+    return array, (spacing[2], spacing[1], spacing[0])
+
+
+def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] | None = None) -> Path:
+    """Write a ``(D, H, W)`` volume so that :func:`read_volume` reads back the same array.
+
+    NIfTI files get an axis-aligned affine with the spacing on its diagonal (no orientation
+    is claimed beyond that); NRRD/MHA/MHD files get an identity direction.
+
+    Args:
+        path: Output file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` or ``.mhd``); the
+            parent folder is created.
+        array: Voxels as ``(D, H, W)`` = ``(z, y, x)``; the dtype is kept.
+        spacing: Voxel size in mm as ``(z, y, x)``; ``None`` writes 1 mm.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise DataError(f"Cannot write {path}; name the file with one of {', '.join(VOLUME_SUFFIXES)}.")
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise DataError(f"Cannot write an array of shape {array.shape} to {path}; pass a (D, H, W) volume.")
+    z, y, x = (float(value) for value in (spacing if spacing is not None else (1.0, 1.0, 1.0)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in _NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), np.diag([x, y, z, 1.0]))
+        image.header.set_xyzt_units("mm")
+        nib.save(image, str(path))
+    else:
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        image.SetSpacing((x, y, z))
+        sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
+
+def read_npz_slice(path: str | Path, label_only: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    """Read one 2D slice of TransUNet's Synapse ``train_npz`` folder.
+
+    TransUNet's preprocessing already clipped the CT to [-125, 275] HU and scaled it to
+    [0, 1], so the image is returned as stored (float32), not windowed again.
+
+    Args:
+        path: A ``<case>_slice<k>.npz`` file with arrays ``image`` and ``label``.
+        label_only: Read only the label (npz members load separately, so this is cheap).
+
+    Returns:
+        ``(image, label)``: image float32 ``(H, W)`` in [0, 1] (``None`` with
+        ``label_only``), label integers ``(H, W)``.
+    """
+    path = Path(path)
+    try:
+        with np.load(path) as data:
+            missing = [key for key in ("image", "label") if key not in data.files]
+            if missing:
+                raise DataError(f"Slice file {path} lacks the array(s) {missing}; it must hold 'image' and 'label'.")
+            label = _as_label(np.asarray(data["label"]), path)
+            image = None if label_only else np.asarray(data["image"], dtype=np.float32)
+    except DataError:
+        raise
+    except FileNotFoundError as error:
+        raise DataError(f"Slice file {path} does not exist; restore it or remove it from train_npz/.") from error
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"Cannot read slice file {path} ({error}); replace it with an intact copy.") from error
+    if label.ndim != 2 or (image is not None and image.shape != label.shape):
+        raise DataError(
+            f"Slice file {path} has image {None if image is None else image.shape} and label {label.shape}; "
+            "both must be 2D arrays of the same shape."
+        )
+    return image, label
+
+
+def read_h5_volume(path: str | Path, label_only: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    """Read one volume of TransUNet's Synapse ``test_vol_h5`` folder.
+
+    Like the training slices, the image is already windowed to [0, 1] by TransUNet's
+    preprocessing, and the file stores no spacing.
+
+    Args:
+        path: A ``<case>.npy.h5`` file with datasets ``image`` and ``label`` of shape ``(D, H, W)``.
+        label_only: Read only the label.
+
+    Returns:
+        ``(image, label)``: image float32 ``(D, H, W)`` (``None`` with ``label_only``),
+        label integers ``(D, H, W)``.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Volume {path} does not exist; restore it or remove it from test_vol_h5/.")
+    try:
+        with h5py.File(path, "r") as data:
+            missing = [key for key in ("image", "label") if key not in data]
+            if missing:
+                raise DataError(f"Volume {path} lacks the dataset(s) {missing}; it must hold 'image' and 'label'.")
+            label = _as_label(np.asarray(data["label"][()]), path)
+            image = None if label_only else np.asarray(data["image"][()], dtype=np.float32)
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"Cannot read volume {path} ({error}); replace it with an intact copy.") from error
+    if label.ndim != 3 or (image is not None and image.shape != label.shape):
+        raise DataError(
+            f"Volume {path} has image {None if image is None else image.shape} and label {label.shape}; "
+            "both must be (D, H, W) arrays of the same shape."
+        )
+    return image, label
+
+
+def read_mask_2d(path: str | Path) -> np.ndarray:
+    """Read a 2D mask image whose pixel values are class indices.
+
+    Palette PNGs give their palette indices; greyscale and 16-bit PNGs give their values;
+    colour masks are accepted only when the three channels agree.
+
+    Args:
+        path: Mask file (PNG recommended; lossy JPEG corrupts class indices).
+
+    Returns:
+        Integer array ``(H, W)``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            values = np.asarray(image)
+    except FileNotFoundError as error:
+        raise DataError(f"Mask {path} does not exist; add it or remove its image.") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"Cannot read mask {path} (corrupt or not an image); replace it.") from error
+    if values.ndim == 3:
+        channels = values[..., :3]
+        if not (channels == channels[..., :1]).all():
+            raise DataError(
+                f"Mask {path} is a colour image; save masks as single-channel PNGs whose pixel values are "
+                "class indices."
+            )
+        values = channels[..., 0]
+    return _as_label(values, path)

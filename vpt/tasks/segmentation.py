@@ -1,0 +1,383 @@
+"""Semantic segmentation (multi-organ CT first) with a prompted frozen encoder.
+
+Two model families share one LightningModule:
+
+- ``model.family: sam`` — SAM's image encoder with prompt tokens (:class:`PromptedSamEncoder`)
+  and SAM's mask decoder answering every class at once (:class:`SamMulticlassDecoder`,
+  no clicks). The prompt encoder stays frozen; the mask decoder trains unless
+  ``task.train_decoder=false``.
+- ``model.family: timm`` — a prompted timm ViT (:class:`PromptedViT`) with a light decoder
+  on its patch tokens (:class:`PatchTokenDecoder`).
+
+Training sees 2D slices; the loss (cross-entropy + soft Dice, weights in the task config)
+is computed at the model's input resolution, on logits upsampled bilinearly from the
+decoder's output (1/4 of the input for both families). Validation logs slice-level Dice.
+Testing predicts each test volume slice by slice, resizes the logits to the original slice
+size, and scores the 3D label volume per organ (Dice, HD95 in mm when the spacing is known)
+with :func:`vpt.metrics.volume_scores`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vpt.errors import ConfigError, VptError
+from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
+from vpt.metrics.segmentation import SliceDice, summarize_volume_scores, volume_scores
+from vpt.tasks.classification import TrainableCheckpointMixin
+from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
+from vpt.tasks.registry import TaskParts, register_task
+
+__all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation"]
+
+_logger = logging.getLogger(__name__)
+
+
+class SamSegmenter(nn.Module):
+    """Prompted SAM image encoder -> multi-class mask decoder.
+
+    Args:
+        encoder: A :class:`~vpt.prompts.sam.PromptedSamEncoder`.
+        decoder: A :class:`~vpt.heads.SamMulticlassDecoder`.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: SamMulticlassDecoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> class logits (B, C, H/4, W/4)."""
+        return self.decoder(self.encoder(images))
+
+
+class VitSegmenter(nn.Module):
+    """Prompted timm ViT -> patch-token decoder.
+
+    Args:
+        encoder: A :class:`~vpt.prompts.PromptedViT` (its classifier is unused).
+        decoder: A :class:`~vpt.heads.PatchTokenDecoder`.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: PatchTokenDecoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> class logits (B, C, 4 H/p, 4 W/p) for patch size p."""
+        tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens :]
+        patch = self.encoder.vit.patch_embed.patch_size
+        grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
+        return self.decoder(tokens, grid)
+
+
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Soft Dice loss over the foreground classes, averaged (as in TransUNet / SAMed).
+
+    Args:
+        logits: (B, C, H, W).
+        labels: (B, H, W) class indices.
+    """
+    probs = logits.float().softmax(dim=1)
+    one_hot = F.one_hot(labels, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    intersection = (probs * one_hot).sum(dims)
+    total = probs.sum(dims) + one_hot.sum(dims)
+    dice = (2 * intersection + smooth) / (total + smooth)
+    return 1.0 - dice[1:].mean()
+
+
+class SegmentationTask(TrainableCheckpointMixin, L.LightningModule):
+    """Slice-wise training, slice Dice validation, 3D volume testing.
+
+    Args:
+        model: Images (B, 3, H, W) -> logits (B, C, h, w) at any resolution.
+        num_classes: Classes including background.
+        class_names: Names, background first.
+        optimizer: Optimiser settings.
+        scheduler: Warm-up and cosine settings.
+        ce_weight: Weight of cross-entropy in the loss.
+        dice_weight: Weight of soft Dice in the loss.
+        eval_batch_size: Slices per forward pass when predicting a test volume.
+        backbone_id: Names the frozen encoder; checkpoints of another are refused.
+        hparams: The resolved config as plain containers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        class_names: Optional[Sequence[str]] = None,
+        optimizer: Optional[dict[str, Any]] = None,
+        scheduler: Optional[dict[str, Any]] = None,
+        ce_weight: float = 0.5,
+        dice_weight: float = 0.5,
+        eval_batch_size: int = 16,
+        backbone_id: str = "",
+        hparams: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(hparams or {})
+        self.model = model
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.optimizer_config = OptimizerConfig(**(optimizer or {}))
+        self.scheduler_config = SchedulerConfig(**(scheduler or {}))
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+        self.eval_batch_size = eval_batch_size
+        self.backbone_id = backbone_id
+        self.train_dice = SliceDice(num_classes)
+        self.val_dice = SliceDice(num_classes)
+        self.case_scores: dict[str, dict[int, dict[str, float]]] = {}
+        self.spacing_known = True
+        self.report: dict[str, Any] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits at the input resolution, (B, C, H, W)."""
+        logits = self.model(images)
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), labels)
+        return self.ce_weight * ce + self.dice_weight * dice_loss(logits, labels)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["mask"]
+        logits = self(images)
+        loss = self._loss(logits, labels)
+        if not torch.isfinite(loss):
+            raise VptError(
+                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.base_lr "
+                "(or use trainer.gradient_clip_val=1.0) and check the inputs for NaN values."
+            )
+        self.train_dice.update(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/dice", self.train_dice.compute()["dice"])
+        self.train_dice.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images, labels = batch["image"], batch["mask"]
+        logits = self(images)
+        self.val_dice.update(logits, labels)
+        self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True, batch_size=labels.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_dice.compute()
+        self.log("val/dice", scores["dice"], prog_bar=True)
+        self.val_dice.reset()
+
+    @torch.no_grad()
+    def predict_volume(self, slices: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """Label volume for one case.
+
+        Args:
+            slices: (D, 3, H, W) model-ready slices.
+            out_size: (H0, W0) of the original label slices.
+
+        Returns:
+            (D, H0, W0) int64 labels: logits resized to the original size, then argmax.
+        """
+        labels = []
+        for start in range(0, slices.shape[0], self.eval_batch_size):
+            logits = self.model(slices[start : start + self.eval_batch_size].to(self.device))
+            logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
+            labels.append(logits.argmax(dim=1).cpu())
+        return torch.cat(labels)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A test item is a whole volume (D x 3 x H x W, ~2 GB at 1024 px for 150 slices):
+        # keep it on the host; predict_volume moves slices a chunk at a time.
+        if self.trainer is not None and self.trainer.testing:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.case_scores = {}
+        self.spacing_known = True
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        slices, label = batch["image"], batch["label"]
+        if slices.ndim == 5:  # a batch of one case
+            slices, label = slices[0], label[0]
+        case = batch["case"][0] if isinstance(batch["case"], (list, tuple)) else batch["case"]
+        spacing = batch.get("spacing")
+        spacing_values: Optional[tuple[float, ...]] = None
+        if spacing is not None:
+            values = torch.as_tensor(spacing).reshape(-1)[-3:].tolist()
+            if all(math.isfinite(v) for v in values):
+                spacing_values = tuple(float(v) for v in values)
+        if spacing_values is None:
+            self.spacing_known = False
+        prediction = self.predict_volume(slices, tuple(label.shape[-2:]))
+        self.case_scores[str(case)] = volume_scores(
+            prediction.numpy(), label.cpu().numpy(), self.num_classes, spacing=spacing_values
+        )
+
+    def on_test_epoch_end(self) -> None:
+        unit = "mm" if self.spacing_known else "voxels"
+        # With spacing missing for some cases, HD95 mixes units; report voxels then (said in the unit).
+        summary = summarize_volume_scores(self.case_scores, self.class_names, unit=unit)
+        self.report = {"summary": summary, "cases": self.case_scores}
+        if summary.get("dice") is not None and not (isinstance(summary["dice"], float) and math.isnan(summary["dice"])):
+            self.log("test/dice", float(summary["dice"]), batch_size=1)
+        hd95 = summary.get("hd95")
+        if hd95 is not None and not (isinstance(hd95, float) and math.isnan(hd95)):
+            self.log("test/hd95", float(hd95), batch_size=1)
+
+    @torch.no_grad()
+    def write_report(self, run_dir: Path, datamodule: L.LightningDataModule, num_pictures: int) -> dict[str, Any]:
+        """Per-organ table for metrics.json and overlay pictures of test slices."""
+        from vpt.runs import save_segmentation_overlays
+
+        summary = self.report.get("summary", {})
+        extras: dict[str, Any] = {
+            "test/hd95_unit": summary.get("hd95_unit"),
+            "test/per_organ": summary.get("organs"),
+            "test/cases": {case: {str(k): v for k, v in scores.items()} for case, scores in self.report.get("cases", {}).items()},
+        }
+        if num_pictures > 0:
+            was_training = self.training
+            self.eval()
+            save_segmentation_overlays(self, datamodule, num_pictures, run_dir / "test_overlays.png", self.class_names)
+            self.train(was_training)
+        return extras
+
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        batch_size = trainer.datamodule.batch_size if trainer.datamodule is not None else 1
+        return int(batch_size * trainer.world_size * trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        lr = scaled_lr(self.optimizer_config.base_lr, self.global_batch_size())
+        optimizer = build_optimizer(self.model, self.optimizer_config, lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup_steps = round(self.scheduler_config.warmup_epochs * total_steps / epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(warmup_steps, total_steps, self.scheduler_config.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _encoder_method(method_cfg: DictConfig) -> tuple[int, bool, float, bool]:
+    """(num_tokens, deep, dropout, train_encoder) for a method name on a segmentation encoder."""
+    name = method_cfg.name
+    if name in ("vpt_deep", "vpt_shallow"):
+        tokens = int(method_cfg.get("num_tokens", 50))
+        if tokens < 1:
+            raise ConfigError(f"method.num_tokens must be >= 1 for prompt tuning, got {tokens}.")
+        return tokens, name == "vpt_deep", float(method_cfg.get("dropout", 0.0)), False
+    if name == "linear":  # frozen encoder, only the decoder trains
+        return 0, True, 0.0, False
+    if name == "full":
+        return 0, True, 0.0, True
+    raise ConfigError(f"Method {name!r} has no segmentation form; use vpt_deep, vpt_shallow, linear or full.")
+
+
+def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    from vpt.backbones.sam import build_sam
+    from vpt.prompts.sam import PromptedSamEncoder
+
+    model_cfg = cfg.model
+    sam = build_sam(
+        model_cfg.name,
+        checkpoint=model_cfg.checkpoint,
+        img_size=int(model_cfg.img_size or 1024),
+        pretrained=model_cfg.pretrained,
+        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
+    )
+    tokens, deep, dropout, train_encoder = _encoder_method(cfg.method)
+    encoder = PromptedSamEncoder(sam.image_encoder, tokens, deep=deep, dropout=dropout, backbone_eval=not train_encoder)
+    if train_encoder:
+        encoder.image_encoder.requires_grad_(True)
+    decoder = SamMulticlassDecoder(sam.mask_decoder, sam.prompt_encoder, num_classes)
+    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+    # SAM normalises 0-255 pixels with ImageNet statistics: the same in 0-1 units.
+    data = {
+        "image_size": (encoder.img_size, encoder.img_size),
+        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
+        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
+    }
+    return SamSegmenter(encoder, decoder), data
+
+
+def _build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    from vpt.backbones import create_vit, vit_data_config
+    from vpt.prompts import PromptedViT
+
+    model_cfg = cfg.model
+    vit = create_vit(
+        model_cfg.name,
+        pretrained=model_cfg.pretrained,
+        checkpoint=model_cfg.checkpoint,
+        img_size=model_cfg.img_size,
+        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
+    )
+    tokens, deep, dropout, train_encoder = _encoder_method(cfg.method)
+    encoder = PromptedViT(vit, tokens, deep=deep, dropout=dropout, backbone_eval=not train_encoder)
+    encoder.reset_classifier(0)
+    if train_encoder:
+        encoder.vit.requires_grad_(True)
+    decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=int(cfg.task.get("decoder_dim", 128)))
+    config = vit_data_config(vit)
+    data = {"image_size": tuple(config["input_size"][-2:]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
+    return VitSegmenter(encoder, decoder), data
+
+
+@register_task("segmentation")
+def build_segmentation(cfg: DictConfig) -> TaskParts:
+    """Encoder (SAM or timm ViT) -> prompts -> decoder -> volume data -> :class:`SegmentationTask`."""
+    from hydra.utils import instantiate
+
+    task_cfg = cfg.task
+    class_names = list(task_cfg.class_names)
+    num_classes = len(class_names)
+    family = cfg.model.get("family", "timm")
+    if family == "sam":
+        model, data = _build_sam_segmenter(cfg, num_classes)
+    elif family == "timm":
+        model, data = _build_vit_segmenter(cfg, num_classes)
+    else:
+        raise ConfigError(f"Unknown model.family {family!r}; use a model config from configs/model/.")
+    datamodule = instantiate(task_cfg.data, num_classes=num_classes, _convert_="all", **data)
+    module = SegmentationTask(
+        model,
+        num_classes=num_classes,
+        class_names=class_names,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        ce_weight=float(task_cfg.loss.ce_weight),
+        dice_weight=float(task_cfg.loss.dice_weight),
+        eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
+        backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
+        hparams=OmegaConf.to_container(cfg, resolve=True),
+    )
+    metadata = {
+        "task": "segmentation",
+        "backbone": cfg.model.name,
+        "family": family,
+        "method": cfg.method.name,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "input_size": list(data["image_size"]),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+    }
+    return TaskParts(module=module, datamodule=datamodule, model=model, metadata=metadata)
