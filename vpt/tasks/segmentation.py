@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vpt.errors import ConfigError, VptError
+from vpt.errors import ConfigError, DataError, VptError
 from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
 from vpt.metrics.segmentation import SliceDice, summarize_volume_scores, volume_scores
 from vpt.tasks.classification import TrainableCheckpointMixin
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
 from vpt.tasks.registry import TaskParts, register_task
 
-__all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation"]
+__all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation", "sam_normalisation"]
 
 _logger = logging.getLogger(__name__)
 
@@ -291,6 +291,17 @@ def _encoder_method(method_cfg: DictConfig) -> tuple[int, bool, float, bool]:
     raise ConfigError(f"Method {name!r} has no segmentation form; use vpt_deep, vpt_shallow, linear or full.")
 
 
+def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[float, ...]]:
+    """Input mean/std in 0-1 units: the model config's ``mean``/``std`` when given (MedSAM
+    feeds [0, 1] images unnormalised), else SAM's own ImageNet statistics (0-255 units / 255)."""
+    if model_cfg.get("mean") is not None and model_cfg.get("std") is not None:
+        return {"mean": tuple(float(v) for v in model_cfg.mean), "std": tuple(float(v) for v in model_cfg.std)}
+    return {
+        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
+        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
+    }
+
+
 def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     from vpt.backbones.sam import build_sam
     from vpt.prompts.sam import PromptedSamEncoder
@@ -309,12 +320,7 @@ def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, 
         encoder.image_encoder.requires_grad_(True)
     decoder = SamMulticlassDecoder(sam.mask_decoder, sam.prompt_encoder, num_classes)
     decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
-    # SAM normalises 0-255 pixels with ImageNet statistics: the same in 0-1 units.
-    data = {
-        "image_size": (encoder.img_size, encoder.img_size),
-        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
-        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
-    }
+    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
     return SamSegmenter(encoder, decoder), data
 
 
@@ -347,6 +353,12 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
     from hydra.utils import instantiate
 
     task_cfg = cfg.task
+    root = Path(str(task_cfg.data.get("root", "")))
+    if not task_cfg.data.get("generate_phantoms", False) and not root.exists():
+        raise DataError(
+            f"Data folder {root} does not exist; prepare it as data/README.md explains (or set task.data.root), "
+            "or train on generated CT phantoms with task=organ_seg_synthetic."
+        )
     class_names = list(task_cfg.class_names)
     num_classes = len(class_names)
     family = cfg.model.get("family", "timm")
