@@ -29,7 +29,7 @@ def vit_run(tmp_path_factory, phantoms: Path) -> Path:
     workdir = tmp_path_factory.mktemp("seg_cli")
     run_dir = workdir / "run"
     result = run_cli(
-        ["experiment=quickstart_seg", "trainer.max_epochs=8", "trainer.enable_progress_bar=false",
+        ["experiment=quickstart", "trainer.max_epochs=8", "trainer.enable_progress_bar=false",
          f"task.data.root={phantoms}", f"hydra.run.dir={run_dir}"],
         cwd=workdir,
     )

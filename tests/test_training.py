@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(vpt.__file__).resolve().parent / "configs"
 # A small, fast version of the quickstart for tests.
 FAST = [
-    "experiment=quickstart",
+    "experiment=quickstart_classification",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "task.data.samples_per_class=12",
