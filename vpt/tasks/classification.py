@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vpt.errors import CheckpointError, ConfigError, VptError
+from vpt.errors import ConfigError
 from vpt.metrics import classification_metrics, per_class_accuracy
 from vpt.runs import save_classification_preview
-from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
+from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
+from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
 
 __all__ = ["ClassificationTask", "TrainableCheckpointMixin", "build_classification"]
@@ -23,46 +24,7 @@ __all__ = ["ClassificationTask", "TrainableCheckpointMixin", "build_classificati
 _logger = logging.getLogger(__name__)
 
 
-class TrainableCheckpointMixin:
-    """Keep only trained tensors in Lightning checkpoints.
-
-    The frozen backbone is rebuilt from its own weights on resume, so checkpoints hold
-    prompts, head and optimiser state: megabytes even for ViT-H instead of gigabytes. The
-    loaded set is checked against the model's trainable set instead of loading non-strictly
-    and hoping.
-    """
-
-    strict_loading = False
-    model: nn.Module
-    backbone_id: str
-
-    def _trainable_keys(self) -> set[str]:
-        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self._trainable_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["vpt_backbone"] = self.backbone_id
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved_backbone = checkpoint.get("vpt_backbone")
-        if saved_backbone is not None and saved_backbone != self.backbone_id:
-            raise CheckpointError(
-                f"This checkpoint was trained on backbone {saved_backbone!r} but the model is {self.backbone_id!r}; "
-                "resume with the same model config."
-            )
-        keys = set(checkpoint.get("state_dict", {}))
-        missing = sorted(self._trainable_keys() - keys)
-        extra = sorted(keys - self._trainable_keys())
-        if missing or extra:
-            problems = [f"lacks {missing[:5]}"] if missing else []
-            problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
-            raise CheckpointError(
-                f"The checkpoint {' and '.join(problems)}; resume with the method and task it was trained with."
-            )
-
-
-class ClassificationTask(TrainableCheckpointMixin, L.LightningModule):
+class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningModule):
     """Cross-entropy training of ``model`` with VPT's optimiser and schedule.
 
     Args:
@@ -113,11 +75,7 @@ class ClassificationTask(TrainableCheckpointMixin, L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self._loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise VptError(
-                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.base_lr "
-                "(or use trainer.gradient_clip_val=1.0) and check the inputs for NaN values."
-            )
+        check_finite_loss(loss, self.global_step)
         self.train_metrics.update(logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=labels.shape[0])
@@ -171,25 +129,6 @@ class ClassificationTask(TrainableCheckpointMixin, L.LightningModule):
             run_dir / "test_predictions.png",
         )
         return extras
-
-    def global_batch_size(self) -> int:
-        trainer = self.trainer
-        batch_size = trainer.datamodule.batch_size if trainer.datamodule is not None else 1
-        return int(batch_size * trainer.world_size * trainer.accumulate_grad_batches)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        lr = scaled_lr(self.optimizer_config.base_lr, self.global_batch_size())
-        optimizer = build_optimizer(self.model, self.optimizer_config, lr)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup_steps = round(self.scheduler_config.warmup_epochs * total_steps / epochs)
-        schedule = WarmupCosine(warmup_steps, total_steps, self.scheduler_config.min_lr_ratio)
-        _logger.info(
-            "Learning rate %.4g (base %.4g x global batch %d / 256), %d warm-up of %d steps.",
-            lr, self.optimizer_config.base_lr, self.global_batch_size(), warmup_steps, total_steps,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _backbone_id(model_cfg: Any) -> str:

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vpt.errors import ConfigError, DataError, VptError
+from vpt.errors import ConfigError, DataError
 from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
 from vpt.metrics.segmentation import SliceDice, summarize_volume_scores, volume_scores
-from vpt.tasks.classification import TrainableCheckpointMixin
-from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
+from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
+from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
 
 __all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation", "sam_normalisation"]
@@ -98,7 +98,7 @@ def dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) 
     return 1.0 - dice[1:].mean()
 
 
-class SegmentationTask(TrainableCheckpointMixin, L.LightningModule):
+class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningModule):
     """Slice-wise training, slice Dice validation, 3D volume testing.
 
     Args:
@@ -159,11 +159,7 @@ class SegmentationTask(TrainableCheckpointMixin, L.LightningModule):
         images, labels = batch["image"], batch["mask"]
         logits = self(images)
         loss = self._loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise VptError(
-                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.base_lr "
-                "(or use trainer.gradient_clip_val=1.0) and check the inputs for NaN values."
-            )
+        check_finite_loss(loss, self.global_step)
         self.train_dice.update(logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss
@@ -258,22 +254,6 @@ class SegmentationTask(TrainableCheckpointMixin, L.LightningModule):
             save_segmentation_overlays(self, datamodule, num_pictures, run_dir / "test_overlays.png", self.class_names)
             self.train(was_training)
         return extras
-
-    def global_batch_size(self) -> int:
-        trainer = self.trainer
-        batch_size = trainer.datamodule.batch_size if trainer.datamodule is not None else 1
-        return int(batch_size * trainer.world_size * trainer.accumulate_grad_batches)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        lr = scaled_lr(self.optimizer_config.base_lr, self.global_batch_size())
-        optimizer = build_optimizer(self.model, self.optimizer_config, lr)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup_steps = round(self.scheduler_config.warmup_epochs * total_steps / epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(warmup_steps, total_steps, self.scheduler_config.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _encoder_method(method_cfg: DictConfig) -> tuple[int, bool, float, bool]:
