@@ -94,7 +94,7 @@ def evaluate(
     parts.datamodule.prepare_data()
     parts.datamodule.setup("test" if split == "test" else "fit")
     # Segmentation is scored per volume: its test loader yields whole cases.
-    volumes = {"volumes": True} if cfg.task.name == "segmentation" else {}
+    volumes = {"volumes": True} if cfg.task.name in ("segmentation", "interactive_segmentation") else {}
     results = trainer.test(parts.module, dataloaders=parts.datamodule.dataloader(split, **volumes), verbose=False)
     metrics = {key.replace("test/", f"{split}/", 1): value for key, value in (results[0] if results else {}).items()}
     out_dir.mkdir(parents=True, exist_ok=True)

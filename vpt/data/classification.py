@@ -417,7 +417,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         if not self._has_train_folder and any((root / split).is_dir() for split in ("val", "test")):
             raise DataError(
-                f"Image folder {root} has val/ or test/ but no train/; add {root / 'train'} with one sub-folder per class."
+                f"Image folder {root} has val/ or test/ but no train/; "
+                f"add {root / 'train'} with one sub-folder per class."
             )
         train_dir = root / "train" if self._has_train_folder else root
         names = sorted(path.name for path in train_dir.iterdir() if _is_data_folder(path))
@@ -520,8 +521,8 @@ class CsvDataModule(ClassificationDataModule):
                 for line, row in enumerate(reader, start=2):
                     if not any(cell.strip() for cell in row):
                         continue
-                    cells = [cell.strip() for cell in row]
-                    if len(cells) <= max(path_column, label_column) or not cells[path_column] or not cells[label_column]:
+                    cells = [cell.strip() for cell in row] + [""] * len(header)  # short rows read as blanks
+                    if not cells[path_column] or not cells[label_column]:
                         raise DataError(f"Line {line} of {csv_file} lacks a path or a label; fill it in or remove it.")
                     split_rows.append((base / Path(cells[path_column]).expanduser(), cells[label_column], line))
             if not split_rows:

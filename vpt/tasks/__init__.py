@@ -9,5 +9,6 @@ from vpt.tasks.registry import TaskParts, available_tasks, build_task, register_
 # Importing the task modules registers them.
 from vpt.tasks.classification import ClassificationTask  # noqa: E402  isort: skip
 from vpt.tasks.segmentation import SegmentationTask  # noqa: E402  isort: skip
+from vpt.tasks.interactive import InteractiveSegmentationTask  # noqa: E402  isort: skip
 
-__all__ = ["TaskParts", "available_tasks", "build_task", "register_task", "ClassificationTask", "SegmentationTask"]
+__all__ = ["TaskParts", "available_tasks", "build_task", "register_task", "ClassificationTask", "SegmentationTask", "InteractiveSegmentationTask"]

@@ -26,13 +26,15 @@ pixel farthest from the organ's boundary (the first click of SAM's and RITM's ev
 Validation logs ``val/dice``, the mean over prompts of the 2D Dice of each thresholded mask.
 
 Testing, as MedSAM and SAM-Med2D report interactive results: every slice of every test volume
-and every organ present in that slice's ground truth gets one prompt (boxes are taken from the
-original-resolution label and scaled to the input size as segment-anything's
-``ResizeLongestSide`` does); the mask logits are resized bilinearly to the original slice size
-and thresholded at 0. Then
+and every organ present in that slice's ground truth gets one evaluation prompt of the trained
+kind (with the default ``box``: the exact bounding box, taken from the original-resolution label
+and scaled to the input size as segment-anything's ``ResizeLongestSide`` does); the mask logits
+are resized bilinearly to the original slice size and thresholded at 0. Then
 
 - ``test/dice``: per organ, the mean over all its prompts (slices, over all test volumes) of the
-  2D Dice of prompt mask against ground truth; then the mean over organs;
+  2D Dice ``2|P ∩ G| / (|P| + |G|)`` of the prompt's mask against the organ's ground truth on
+  that slice (0 for an empty mask); then the mean over organs. ``test/per_organ`` gives each
+  organ's mean, its number of prompts and how many of them scored 0 (``missed_slices``);
 - ``test/dice_3d`` and ``test/hd95``: per test volume and organ, the slice masks stacked into a
   3D mask (empty on slices where the organ has no ground truth, since those get no prompt) and
   scored with :func:`vpt.metrics.volume_scores`; per organ the mean over volumes, then the mean
@@ -69,7 +71,7 @@ from vpt.metrics.segmentation import summarize_volume_scores, volume_scores
 from vpt.tasks.classification import TrainableCheckpointMixin
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
-from vpt.tasks.segmentation import SegmentationTask, _encoder_method
+from vpt.tasks.segmentation import SegmentationTask, _encoder_method, sam_normalisation
 
 __all__ = [
     "PROMPT_KINDS",
@@ -78,6 +80,10 @@ __all__ = [
     "SamSingleMaskDecoder",
     "InteractiveSamSegmenter",
     "InteractiveSegmentationTask",
+    "mask_boxes",
+    "jitter_boxes",
+    "random_foreground_points",
+    "interior_points",
     "binary_dice_loss",
     "mask_dice",
     "score_volume_prompts",
@@ -87,6 +93,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 PROMPT_KINDS = ("box", "point")
+_TARGET_CHUNK = 64  # prompts whose organ masks are cut from the labels at once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,13 +166,17 @@ def ground_truth_prompts(
         raise ConfigError(f"task.prompt must be one of {PROMPT_KINDS}, got {kind!r}.")
     if labels.ndim != 3:
         raise DataError(f"Labels for prompts must be (B, H, W), got shape {tuple(labels.shape)}.")
-    batch, height, width = labels.shape
+    _, height, width = labels.shape
     device = labels.device
     pairs = _present_organs(labels)
     if max_per_slice is not None:
         pairs = _cap_per_slice(pairs, max_per_slice, rng)
     image_index, organ = pairs[:, 0].to(device), pairs[:, 1].to(device)
-    targets = labels[image_index] == organ[:, None, None]
+    targets = torch.empty(len(pairs), height, width, dtype=torch.bool, device=device)
+    # In chunks: a whole test volume's labels[image_index] would be an int64 copy per prompt.
+    for start in range(0, len(pairs), _TARGET_CHUNK):
+        rows = slice(start, start + _TARGET_CHUNK)
+        targets[rows] = labels[image_index[rows]] == organ[rows, None, None]
     prompts = GroundTruthPrompts(image_index=image_index, organ=organ, targets=targets)
     if prompts.count == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=device)
@@ -574,7 +585,8 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
             return
         logits = self(images, prompts)
         self.val_dice.update(mask_dice(logits > 0, prompts.targets))
-        self.log("val/loss", self._loss(logits, prompts.targets), prog_bar=True, sync_dist=True, batch_size=prompts.count)
+        loss = self._loss(logits, prompts.targets)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=prompts.count)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_dice.update_count == 0:  # no validation slice held an organ
@@ -614,7 +626,9 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
                 boxes=chunk.boxes.to(self.device) if chunk.boxes is not None else None,
                 points=chunk.points.to(self.device) if chunk.points is not None else None,
             )
-            logits = F.interpolate(logits.float().unsqueeze(1), size=label.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(
+                logits.float().unsqueeze(1), size=label.shape[-2:], mode="bilinear", align_corners=False
+            )
             masks[rows] = (logits[:, 0] > 0).cpu()
         return prompts, masks
 
@@ -681,7 +695,8 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
             },
             "cases": self.case_scores,
         }
-        for key, value in (("test/dice", dice), ("test/dice_3d", volume_summary["dice"]), ("test/hd95", volume_summary["hd95"])):
+        logged = {"test/dice": dice, "test/dice_3d": volume_summary["dice"], "test/hd95": volume_summary["hd95"]}
+        for key, value in logged.items():
             if not math.isnan(value):
                 self.log(key, float(value), batch_size=1)
 
@@ -741,7 +756,8 @@ def _save_prompt_pictures(
         image = slices[index].float().numpy() * std[:, None, None] + mean[:, None, None]
         gray = np.clip(image[0], 0, 1)
         if gray.shape != size:
-            gray = F.interpolate(torch.from_numpy(gray)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+            gray = torch.from_numpy(gray)[None, None]
+            gray = F.interpolate(gray, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
         mine = (prompts.image_index == row).nonzero().flatten()
         predicted = np.zeros(size, dtype=np.int64)
         for prompt in mine.tolist():  # overlapping masks: the higher class index is drawn on top
@@ -799,12 +815,7 @@ def _build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, di
     decoder = SamSingleMaskDecoder(sam.prompt_encoder, sam.mask_decoder)
     decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
     decoder.sam_prompt_encoder.requires_grad_(False)  # SAM's prompt encoder never trains here
-    # As build_segmentation: SAM normalises 0-255 pixels with ImageNet statistics, the same in 0-1 units.
-    data = {
-        "image_size": (encoder.img_size, encoder.img_size),
-        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
-        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
-    }
+    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
     return InteractiveSamSegmenter(encoder, decoder), data
 
 
@@ -817,8 +828,8 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     family = cfg.model.get("family", "timm")
     if family != "sam":
         raise ConfigError(
-            f"Interactive prompts need a SAM model, e.g. model=sam_vit_b; {cfg.model.name!r} is a {family} model "
-            "(use task=organ_seg for automatic segmentation with it)."
+            f"Model {cfg.model.name!r} is a {family} model, but interactive prompts need a SAM model, e.g. "
+            "model=sam_vit_b (use task=organ_seg for automatic segmentation with this one)."
         )
     prompt = str(task_cfg.get("prompt", "box"))
     if prompt not in PROMPT_KINDS:
