@@ -58,18 +58,60 @@ def test_evaluate_a_segmentation_run_reproduces_its_volume_scores(vit_run: Path)
 
 
 def test_tiny_sam_learns_organs_and_keeps_its_encoder(tmp_path: Path, phantoms: Path) -> None:
-    cfg = compose_config([
+    result = run_cli([
         "model=sam_tiny", "task=organ_seg_synthetic", f"task.data.root={phantoms}", "method=vpt_deep",
         "method.num_tokens=4", "optimizer.name=adamw", "optimizer.base_lr=0.5", "trainer.max_epochs=8",
-        "trainer.enable_progress_bar=false", "num_preview_images=2",
-    ])
-    metrics = train(cfg, run_dir=tmp_path / "sam")
+        "trainer.enable_progress_bar=false", "num_preview_images=2", f"hydra.run.dir={tmp_path / 'sam'}",
+    ], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "sam" / "metrics.json").read_text())
     assert metrics["test/dice"] > 0.05  # measured 0.09 at 6 epochs, 0.37 at 20
     checkpoint = torch.load(tmp_path / "sam" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(checkpoint["state_dict"])
     assert "model.encoder.prompt_embeddings" in keys
     assert any(k.startswith("model.decoder.class_tokens") for k in keys)  # the decoder trains
     assert not any("image_encoder" in k for k in keys)  # the frozen encoder is not stored
+
+
+def _synapse_stand_in(root: Path, phantoms: Path) -> None:
+    """A tiny Synapse folder in TransUNet's format, cut from phantoms (windowed to [0, 1])."""
+    import h5py
+    import numpy as np
+
+    from vpt.data.medical import read_volume, window_ct, write_phantom_dataset
+
+    write_phantom_dataset(phantoms, num_cases=12)
+    (root / "train_npz").mkdir(parents=True)
+    (root / "test_vol_h5").mkdir()
+    for index in range(6):
+        image, _ = read_volume(phantoms / "imagesTr" / f"phantom_{index:03d}_0000.nii.gz")
+        label, _ = read_volume(phantoms / "labelsTr" / f"phantom_{index:03d}.nii.gz", label=True)
+        image = window_ct(image)
+        if index < 4:
+            for k in range(0, image.shape[0], 2):
+                np.savez(root / "train_npz" / f"case{index:04d}_slice{k:03d}.npz", image=image[k], label=label[k])
+        else:
+            with h5py.File(root / "test_vol_h5" / f"case{index:04d}.npy.h5", "w") as handle:
+                handle["image"], handle["label"] = image, label
+
+
+def test_organ_seg_runs_on_synapse_layout_with_a_sam_checkpoint(tmp_path: Path, phantoms: Path) -> None:
+    """`model=sam_* task=organ_seg` end to end, given prepared data and weights (tiny stand-ins)."""
+    from vpt.backbones import build_sam
+
+    _synapse_stand_in(tmp_path / "synapse", phantoms)
+    torch.save(build_sam("sam_tiny", pretrained=False).state_dict(), tmp_path / "sam_tiny.pth")
+    result = run_cli([
+        "model=sam_tiny", "model.pretrained=true", f"model.checkpoint={tmp_path / 'sam_tiny.pth'}",
+        "task=organ_seg", f"task.data.root={tmp_path / 'synapse'}", "task.data.num_workers=0",
+        "method.num_tokens=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "num_preview_images=1", f"hydra.run.dir={tmp_path / 'run'}",
+    ], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test/hd95_unit"] == "voxels"  # TransUNet's files keep no spacing
+    assert set(metrics["test/cases"]) == {"case0004", "case0005"}  # the official test volumes
+    assert set(metrics["test/per_organ"]) == ORGANS
 
 
 def test_missing_synapse_folder_points_to_the_readme_and_the_phantoms(tmp_path: Path) -> None:

@@ -65,13 +65,13 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 from torchmetrics import MeanMetric
 
-from vpt.errors import ConfigError, DataError, VptError
+from vpt.errors import ConfigError, DataError
 from vpt.heads import decode_masks
 from vpt.metrics.segmentation import summarize_volume_scores, volume_scores
-from vpt.tasks.classification import TrainableCheckpointMixin
+from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
-from vpt.tasks.segmentation import SegmentationTask, _encoder_method, sam_normalisation
+from vpt.tasks.segmentation import build_prompted_sam, check_data_folder
 
 __all__ = [
     "PROMPT_KINDS",
@@ -473,7 +473,7 @@ def score_volume_prompts(
 # Lightning module
 
 
-class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
+class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningModule):
     """Training on ground-truth SAM prompts, per-prompt Dice validation, per-slice and 3D testing.
 
     Args:
@@ -491,10 +491,6 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
         backbone_id: Names the frozen encoder; checkpoints of another are refused.
         hparams: The resolved config as plain containers.
     """
-
-    # The optimiser, schedule and batch-size rule are the automatic segmentation task's.
-    global_batch_size = SegmentationTask.global_batch_size
-    configure_optimizers = SegmentationTask.configure_optimizers
 
     def __init__(
         self,
@@ -564,11 +560,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
             return None
         logits = self(images, prompts)
         loss = self._loss(logits, prompts.targets)
-        if not torch.isfinite(loss):
-            raise VptError(
-                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.base_lr "
-                "(or use trainer.gradient_clip_val=1.0) and check the inputs for NaN values."
-            )
+        check_finite_loss(loss, self.global_step)
         self.train_dice.update(mask_dice(logits.detach() > 0, prompts.targets))
         self.log("train/loss", loss, prog_bar=True, batch_size=prompts.count)
         return loss
@@ -633,7 +625,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, L.LightningModule):
         return prompts, masks
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # A test item is a whole volume: keep it on the host (as SegmentationTask does);
+        # A test item is a whole volume: keep it on the host (as the automatic segmentation task does);
         # predict_with_ground_truth_prompts moves slices a chunk at a time.
         if self.trainer is not None and self.trainer.testing:
             return batch
@@ -797,25 +789,10 @@ def _save_prompt_pictures(
 
 def _build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, dict[str, Any]]:
     """The prompted SAM encoder and single-mask decoder, and the data settings SAM expects."""
-    from vpt.backbones.sam import build_sam
-    from vpt.prompts.sam import PromptedSamEncoder
-
-    model_cfg = cfg.model
-    sam = build_sam(
-        model_cfg.name,
-        checkpoint=model_cfg.checkpoint,
-        img_size=int(model_cfg.img_size or 1024),
-        pretrained=model_cfg.pretrained,
-        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
-    )
-    tokens, deep, dropout, train_encoder = _encoder_method(cfg.method)
-    encoder = PromptedSamEncoder(sam.image_encoder, tokens, deep=deep, dropout=dropout, backbone_eval=not train_encoder)
-    if train_encoder:
-        encoder.image_encoder.requires_grad_(True)
+    sam, encoder, data = build_prompted_sam(cfg)
     decoder = SamSingleMaskDecoder(sam.prompt_encoder, sam.mask_decoder)
     decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
     decoder.sam_prompt_encoder.requires_grad_(False)  # SAM's prompt encoder never trains here
-    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
     return InteractiveSamSegmenter(encoder, decoder), data
 
 
@@ -834,6 +811,7 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     prompt = str(task_cfg.get("prompt", "box"))
     if prompt not in PROMPT_KINDS:
         raise ConfigError(f"task.prompt must be one of {PROMPT_KINDS}, got {prompt!r}.")
+    check_data_folder(task_cfg)
     class_names = list(task_cfg.class_names)
     model, data = _build_interactive_sam(cfg)
     datamodule = instantiate(task_cfg.data, num_classes=len(class_names), _convert_="all", **data)

@@ -38,7 +38,7 @@ from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_fi
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
 
-__all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation", "sam_normalisation"]
+__all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation", "build_prompted_sam", "check_data_folder", "sam_normalisation"]
 
 _logger = logging.getLogger(__name__)
 
@@ -256,6 +256,16 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         return extras
 
 
+def check_data_folder(task_cfg: DictConfig) -> None:
+    """A missing data folder (that will not be generated) stops with the two ways forward."""
+    root = Path(str(task_cfg.data.get("root", "")))
+    if not task_cfg.data.get("generate_phantoms", False) and not root.exists():
+        raise DataError(
+            f"Data folder {root} does not exist; prepare it as data/README.md explains (or set task.data.root), "
+            "or train on generated CT phantoms with task=organ_seg_synthetic."
+        )
+
+
 def _encoder_method(method_cfg: DictConfig) -> tuple[int, bool, float, bool]:
     """(num_tokens, deep, dropout, train_encoder) for a method name on a segmentation encoder."""
     name = method_cfg.name
@@ -282,7 +292,14 @@ def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[
     }
 
 
-def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """SAM from ``cfg.model``, its image encoder wrapped in prompts per ``cfg.method``.
+
+    Returns:
+        ``(sam, encoder, data)``: the segment-anything model (its prompt encoder and mask
+        decoder for the heads), the :class:`PromptedSamEncoder`, and the input size and
+        normalisation the data module must use.
+    """
     from vpt.backbones.sam import build_sam
     from vpt.prompts.sam import PromptedSamEncoder
 
@@ -298,9 +315,14 @@ def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, 
     encoder = PromptedSamEncoder(sam.image_encoder, tokens, deep=deep, dropout=dropout, backbone_eval=not train_encoder)
     if train_encoder:
         encoder.image_encoder.requires_grad_(True)
+    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
+    return sam, encoder, data
+
+
+def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    sam, encoder, data = build_prompted_sam(cfg)
     decoder = SamMulticlassDecoder(sam.mask_decoder, sam.prompt_encoder, num_classes)
     decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
-    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
     return SamSegmenter(encoder, decoder), data
 
 
@@ -333,12 +355,7 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
     from hydra.utils import instantiate
 
     task_cfg = cfg.task
-    root = Path(str(task_cfg.data.get("root", "")))
-    if not task_cfg.data.get("generate_phantoms", False) and not root.exists():
-        raise DataError(
-            f"Data folder {root} does not exist; prepare it as data/README.md explains (or set task.data.root), "
-            "or train on generated CT phantoms with task=organ_seg_synthetic."
-        )
+    check_data_folder(task_cfg)
     class_names = list(task_cfg.class_names)
     num_classes = len(class_names)
     family = cfg.model.get("family", "timm")
