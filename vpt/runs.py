@@ -24,6 +24,7 @@ __all__ = [
     "plot_curves",
     "save_classification_preview",
     "save_segmentation_overlays",
+    "first_test_volume",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -168,6 +169,17 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
     return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
 
 
+def first_test_volume(datamodule: Any) -> Optional[tuple[Any, Any]]:
+    """Slices (D, 3, H, W) and label volume (D, H0, W0) of the first test case, or None."""
+    batch = next(iter(datamodule.test_dataloader()), None)
+    if batch is None:
+        return None
+    slices, label = batch["image"], batch["label"]
+    if slices.ndim == 5:  # a batch of one case
+        slices, label = slices[0], label[0]
+    return slices, label
+
+
 def save_segmentation_overlays(
     module: Any, datamodule: Any, count: int, out_png: Path, class_names: Sequence[str]
 ) -> Optional[Path]:
@@ -185,12 +197,10 @@ def save_segmentation_overlays(
     import matplotlib.pyplot as plt
     import torch
 
-    batch = next(iter(datamodule.test_dataloader()), None)
-    if batch is None:
+    volume = first_test_volume(datamodule)
+    if volume is None:
         return None
-    slices, label = batch["image"], batch["label"]
-    if slices.ndim == 5:
-        slices, label = slices[0], label[0]
+    slices, label = volume
     foreground = (label > 0).flatten(1).sum(1)
     chosen = torch.argsort(foreground, descending=True)[: min(count, len(foreground))].sort().values
     prediction = module.predict_volume(slices[chosen], tuple(label.shape[-2:]))

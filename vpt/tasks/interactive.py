@@ -728,14 +728,12 @@ def _save_prompt_pictures(
     import matplotlib.pyplot as plt
 
     # The overlay colours of the automatic task's pictures, so the two read the same.
-    from vpt.runs import _ORGAN_COLOURS, _overlay
+    from vpt.runs import _ORGAN_COLOURS, _overlay, first_test_volume
 
-    batch = next(iter(datamodule.test_dataloader()), None)
-    if batch is None:
+    volume = first_test_volume(datamodule)
+    if volume is None:
         return None
-    slices, label = batch["image"], batch["label"]
-    if slices.ndim == 5:
-        slices, label = slices[0], label[0]
+    slices, label = volume
     organs_per_slice = torch.stack([(label == c).flatten(1).any(1) for c in range(1, len(class_names))]).sum(0)
     chosen = torch.argsort(organs_per_slice, descending=True, stable=True)[: min(count, len(label))].sort().values
     prompts, masks = module.predict_with_ground_truth_prompts(slices[chosen], label[chosen])
