@@ -4,7 +4,7 @@ optimiser and schedule, and a clear stop on a non-finite loss."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from vpt.errors import CheckpointError, VptError
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
 
-__all__ = ["TrainableCheckpointMixin", "OptimizationMixin", "check_finite_loss"]
+__all__ = ["TrainableCheckpointMixin", "OptimizationMixin", "check_finite_loss", "init_task"]
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +54,26 @@ class TrainableCheckpointMixin:
             raise CheckpointError(
                 f"The checkpoint {' and '.join(problems)}; resume with the method and task it was trained with."
             )
+
+
+def init_task(
+    module: Any,
+    model: nn.Module,
+    num_classes: int,
+    class_names: Optional[Sequence[str]],
+    optimizer: Optional[dict[str, Any]],
+    scheduler: Optional[dict[str, Any]],
+    backbone_id: str,
+    hparams: Optional[dict[str, Any]],
+) -> None:
+    """The attributes every task module sets the same way (call after ``super().__init__()``)."""
+    module.save_hyperparameters(hparams or {})
+    module.model = model
+    module.num_classes = num_classes
+    module.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    module.optimizer_config = OptimizerConfig(**(optimizer or {}))
+    module.scheduler_config = SchedulerConfig(**(scheduler or {}))
+    module.backbone_id = backbone_id
 
 
 class OptimizationMixin:

@@ -15,8 +15,7 @@ from torch import nn
 from vpt.errors import ConfigError
 from vpt.metrics import classification_metrics, per_class_accuracy
 from vpt.runs import save_classification_preview
-from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
-from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
+from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
 
 __all__ = ["ClassificationTask", "TrainableCheckpointMixin", "build_classification"]
@@ -51,14 +50,8 @@ class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.Lightnin
         hparams: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(hparams or {})
-        self.model = model
-        self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.optimizer_config = OptimizerConfig(**(optimizer or {}))
-        self.scheduler_config = SchedulerConfig(**(scheduler or {}))
+        init_task(self, model, num_classes, class_names, optimizer, scheduler, backbone_id, hparams)
         self.label_smoothing = label_smoothing
-        self.backbone_id = backbone_id
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")

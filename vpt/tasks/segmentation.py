@@ -34,8 +34,7 @@ from torch import nn
 from vpt.errors import ConfigError, DataError
 from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
 from vpt.metrics.segmentation import SliceDice, summarize_volume_scores, volume_scores
-from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
-from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
+from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
 
 __all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation", "build_prompted_sam", "check_data_folder", "sam_normalisation"]
@@ -128,16 +127,10 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         hparams: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(hparams or {})
-        self.model = model
-        self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.optimizer_config = OptimizerConfig(**(optimizer or {}))
-        self.scheduler_config = SchedulerConfig(**(scheduler or {}))
+        init_task(self, model, num_classes, class_names, optimizer, scheduler, backbone_id, hparams)
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.eval_batch_size = eval_batch_size
-        self.backbone_id = backbone_id
         self.train_dice = SliceDice(num_classes)
         self.val_dice = SliceDice(num_classes)
         self.case_scores: dict[str, dict[int, dict[str, float]]] = {}
