@@ -25,6 +25,7 @@ __all__ = [
     "save_classification_preview",
     "save_segmentation_overlays",
     "first_test_volume",
+    "save_with_organ_legend",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -169,6 +170,22 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
     return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
 
 
+def save_with_organ_legend(fig: Any, class_names: Sequence[str], out_png: Path) -> Path:
+    """Add the organ colour legend (background left out) under ``fig``, save it and close it."""
+    import matplotlib.patches
+    import matplotlib.pyplot as plt
+
+    handles = [
+        matplotlib.patches.Patch(color=_ORGAN_COLOURS[i % len(_ORGAN_COLOURS)], label=name)
+        for i, name in enumerate(class_names) if i > 0
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
 def first_test_volume(datamodule: Any) -> Optional[tuple[Any, Any]]:
     """Slices (D, 3, H, W) and label volume (D, H0, W0) of the first test case, or None."""
     batch = next(iter(datamodule.test_dataloader()), None)
@@ -222,12 +239,4 @@ def save_segmentation_overlays(
             axes[row, col].imshow(picture, interpolation="nearest")
             axes[row, col].set_title(f"{title} (slice {index})" if col == 0 else title, fontsize=8)
             axes[row, col].axis("off")
-    handles = [
-        matplotlib.patches.Patch(color=_ORGAN_COLOURS[i % len(_ORGAN_COLOURS)], label=name)
-        for i, name in enumerate(class_names) if i > 0
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_with_organ_legend(fig, class_names, out_png)

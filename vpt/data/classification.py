@@ -27,8 +27,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from vpt.data.loading import make_loader
 from vpt.data.splits import stratified_split
-from vpt.data.transforms import build_transforms, reseed_worker_transform, to_size
+from vpt.data.transforms import build_transforms, to_size
 from vpt.errors import ConfigError, DataError
 
 __all__ = [
@@ -328,17 +329,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._datasets[key]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=reseed_worker_transform if workers > 0 else None,
-        )
+        return make_loader(dataset, batch_size, shuffle, drop_last, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches with augmentation; drops a last partial batch if one is left."""

@@ -728,7 +728,7 @@ def _save_prompt_pictures(
     import matplotlib.pyplot as plt
 
     # The overlay colours of the automatic task's pictures, so the two read the same.
-    from vpt.runs import _ORGAN_COLOURS, _overlay, first_test_volume
+    from vpt.runs import _ORGAN_COLOURS, _overlay, first_test_volume, save_with_organ_legend
 
     volume = first_test_volume(datamodule)
     if volume is None:
@@ -770,15 +770,7 @@ def _save_prompt_pictures(
         axes[row, 2].set_title("prediction", fontsize=8)
         for axis in axes[row]:
             axis.axis("off")
-    handles = [
-        matplotlib.patches.Patch(color=_ORGAN_COLOURS[i % len(_ORGAN_COLOURS)], label=name)
-        for i, name in enumerate(class_names) if i > 0
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_with_organ_legend(fig, class_names, out_png)
 
 
 # ----------------------------------------------------------------------------------------------

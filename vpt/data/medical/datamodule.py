@@ -50,7 +50,8 @@ from vpt.data.medical.phantom import (
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
 from vpt.data.splits import group_split
-from vpt.data.transforms import reseed_worker_transform, to_size
+from vpt.data.loading import make_loader
+from vpt.data.transforms import to_size
 from vpt.errors import ConfigError, DataError
 
 __all__ = ["VolumeSegmentationDataModule", "SliceDataset", "VolumeDataset", "check_label_values"]
@@ -600,14 +601,4 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, pin_memory: bool | None = None
     ) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-            worker_init_fn=reseed_worker_transform if workers > 0 else None,
-        )
+        return make_loader(dataset, batch_size, shuffle, drop_last, self.num_workers, pin_memory)
