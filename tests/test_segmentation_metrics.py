@@ -1,5 +1,7 @@
-"""Segmentation metrics: hand-computed cases, and MONAI's DiceMetric / compute_hausdorff_distance
-as the reference for the definitions (surfaces, percentile, empty cases, spacing)."""
+"""Segmentation metrics: hand-computed cases, and MONAI's DiceMetric / compute_hausdorff_distance /
+SurfaceDiceMetric as the reference for the definitions (surfaces, percentile, tolerance, empty
+cases, spacing). The penalised HD95 of an empty mask is ours: it is checked against a plain
+computation of the volume's diagonal."""
 
 from __future__ import annotations
 
@@ -11,8 +13,17 @@ import pytest
 import torch
 from scipy import ndimage
 
+import vpt.metrics
 from vpt.errors import ConfigError, DataError
-from vpt.metrics.segmentation import SliceDice, slice_dice, summarize_volume_scores, volume_scores
+from vpt.metrics.segmentation import (
+    DEFAULT_NSD_TOLERANCE,
+    METRIC_DEFINITIONS,
+    SliceDice,
+    metric_definitions,
+    slice_dice,
+    summarize_volume_scores,
+    volume_scores,
+)
 
 monai_metrics = pytest.importorskip("monai.metrics")
 
@@ -27,39 +38,74 @@ def one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def monai_scores(
-    pred: np.ndarray, target: np.ndarray, num_classes: int, spacing=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """MONAI's Dice (ignore_empty=True) and HD95 per foreground class, ``(num_classes - 1,)`` each."""
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    spacing=None,
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+) -> dict[str, np.ndarray]:
+    """MONAI's Dice (ignore_empty=True), HD95 and NSD per foreground class, ``(num_classes - 1,)`` each."""
+    spacing = None if spacing is None else list(spacing)
+    y_pred, y = one_hot(pred, num_classes), one_hot(target, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about every empty class
         dice_metric = monai_metrics.DiceMetric(include_background=False, ignore_empty=True)
-        dice = dice_metric(one_hot(pred, num_classes), one_hot(target, num_classes))
+        dice = dice_metric(y_pred, y)
         hd95 = monai_metrics.compute_hausdorff_distance(
-            one_hot(pred, num_classes),
-            one_hot(target, num_classes),
-            include_background=False,
-            percentile=95,
-            spacing=None if spacing is None else list(spacing),
+            y_pred, y, include_background=False, percentile=95, spacing=spacing
         )
-    return dice[0].double().numpy(), hd95[0].double().numpy()
+        nsd_metric = monai_metrics.SurfaceDiceMetric(
+            class_thresholds=[nsd_tolerance] * (num_classes - 1), include_background=False
+        )
+        nsd = nsd_metric(y_pred, y, spacing=spacing)
+    return {
+        "dice": dice[0].double().numpy(),
+        "hd95": hd95[0].double().numpy(),
+        "nsd": nsd[0].double().numpy(),
+    }
 
 
 def ours(
-    pred: np.ndarray, target: np.ndarray, num_classes: int, spacing=None
-) -> tuple[np.ndarray, np.ndarray]:
-    scores = volume_scores(pred, target, num_classes, spacing)
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    spacing=None,
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+) -> dict[str, np.ndarray]:
+    scores = volume_scores(pred, target, num_classes, spacing, nsd_tolerance=nsd_tolerance)
     assert sorted(scores) == list(range(1, num_classes))
-    return (
-        np.array([scores[c]["dice"] for c in range(1, num_classes)]),
-        np.array([scores[c]["hd95"] for c in range(1, num_classes)]),
-    )
+    keys = ("dice", "hd95", "hd95_penalised", "nsd")
+    return {key: np.array([scores[c][key] for c in range(1, num_classes)]) for key in keys}
 
 
-def assert_matches_monai(pred: np.ndarray, target: np.ndarray, num_classes: int, spacing=None) -> None:
-    dice, hd95 = ours(pred, target, num_classes, spacing)
-    reference_dice, reference_hd95 = monai_scores(pred, target, num_classes, spacing)
-    np.testing.assert_allclose(dice, reference_dice, atol=1e-4, rtol=0, equal_nan=True)
-    np.testing.assert_allclose(hd95, reference_hd95, atol=1e-4, rtol=0, equal_nan=True)
+def diagonal(shape: tuple[int, ...], spacing=None) -> float:
+    """The penalty, computed plainly: the length of the volume's diagonal in mm (or voxels)."""
+    spacing = spacing or (1.0,) * len(shape)
+    return math.sqrt(sum((size * step) ** 2 for size, step in zip(shape, spacing)))
+
+
+def assert_matches_monai(
+    pred: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    spacing=None,
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+) -> None:
+    """Dice, HD95 and NSD as MONAI gives them; the penalised HD95 is MONAI's HD95 where both
+    masks are non-empty and the diagonal where exactly one is."""
+    scores = ours(pred, target, num_classes, spacing, nsd_tolerance)
+    reference = monai_scores(pred, target, num_classes, spacing, nsd_tolerance)
+    for key in ("dice", "hd95", "nsd"):
+        np.testing.assert_allclose(scores[key], reference[key], atol=1e-4, rtol=0, equal_nan=True, err_msg=key)
+
+    pred_present = np.array([(pred == c).any() for c in range(1, num_classes)])
+    target_present = np.array([(target == c).any() for c in range(1, num_classes)])
+    penalised = np.where(pred_present != target_present, diagonal(pred.shape, spacing), reference["hd95"])
+    np.testing.assert_allclose(scores["hd95_penalised"], penalised, atol=1e-4, rtol=0, equal_nan=True)
+    # Where one mask is empty, MONAI's HD95 is nan and its NSD 0; both empty, both are nan.
+    one_empty = pred_present != target_present
+    assert np.isnan(reference["hd95"][one_empty]).all() and (reference["nsd"][one_empty] == 0).all()
+    assert np.isnan(scores["hd95_penalised"][~pred_present & ~target_present]).all()
 
 
 def cube(shape: tuple[int, ...], start: tuple[int, ...], size: int) -> np.ndarray:
@@ -94,8 +140,13 @@ def test_shifted_cubes(axis: int, spacing, expected_hd95: float) -> None:
 
     assert scores["dice"] == pytest.approx(2 * 700 / 2000)  # overlap 7 x 10 x 10
     assert scores["hd95"] == pytest.approx(expected_hd95)
+    assert scores["hd95_penalised"] == scores["hd95"]  # both masks non-empty: no penalty
     assert (scores["pred_voxels"], scores["target_voxels"]) == (1000, 1000)
-    assert_matches_monai(pred, target, 2, spacing)
+    assert 0.0 < scores["nsd"] < 1.0  # at the default 1 mm (voxel) the leading faces miss
+    for tolerance in (DEFAULT_NSD_TOLERANCE, 0.8, 2.0, 2.5, expected_hd95):
+        assert_matches_monai(pred, target, 2, spacing, nsd_tolerance=tolerance)
+    # Within the shift every surface voxel is matched: the shift is the largest distance.
+    assert volume_scores(pred, target, 2, spacing, nsd_tolerance=expected_hd95)[1]["nsd"] == 1.0
 
 
 def test_stray_voxel_far_away_barely_moves_hd95() -> None:
@@ -106,7 +157,9 @@ def test_stray_voxel_far_away_barely_moves_hd95() -> None:
     scores = volume_scores(pred, target, num_classes=2)[1]
 
     # 1 of 489 surface distances is non-zero: the 95th percentile is 0 (the maximum is 17.3).
-    assert scores["hd95"] == 0.0
+    assert scores["hd95"] == 0.0 and scores["hd95_penalised"] == 0.0
+    # NSD: every surface voxel is matched but the stray one (976 of the 488 + 489).
+    assert scores["nsd"] == pytest.approx(976 / 977)
     assert scores["dice"] == pytest.approx(2000 / 2001)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a deprecation inside MONAI
@@ -182,19 +235,99 @@ def test_random_2d_blobs_match_brute_force_definition(seed: int) -> None:
     assert volume_scores(pred, target, num_classes=2)[1]["hd95"] == pytest.approx(expected)
 
 
+def nsd_from_definition(pred: np.ndarray, target: np.ndarray, tolerance: float) -> float:
+    """Surface pixels of both 2D masks within ``tolerance`` of the other surface, by brute force."""
+    pred_points = np.argwhere(surface_from_definition(pred)).astype(float)
+    target_points = np.argwhere(surface_from_definition(target)).astype(float)
+    pairwise = np.linalg.norm(pred_points[:, None] - target_points[None], axis=-1)
+    matched = np.sum(pairwise.min(axis=1) <= tolerance) + np.sum(pairwise.min(axis=0) <= tolerance)
+    return matched / (len(pred_points) + len(target_points))
+
+
+@pytest.mark.parametrize(
+    "tolerance, expected_nsd",
+    [
+        (0.0, 4 / 9),
+        (0.5, 4 / 9),
+        (1.0, 5 / 9),
+        (1.999, 5 / 9),
+        (2.0, 1.0),  # a distance equal to the tolerance counts: `<` would give 5/9
+        (50.0, 1.0),
+    ],
+)
+def test_nsd_of_shifted_squares_by_hand(tolerance: float, expected_nsd: float) -> None:
+    # Two 10x10 squares (36 surface pixels each), one 2 rows lower. From each surface: 16 pixels
+    # lie on the shared side columns (distance 0), 4 are 1 away (next to a corner of the other
+    # square) and 16 are 2 away (the leading row, and the trailing row's middle 6 pixels, whose
+    # nearest surface pixels of the other square are 2 rows on).
+    target = np.zeros((20, 20), dtype=np.int64)
+    target[2:12, 2:12] = 1
+    pred = np.zeros_like(target)
+    pred[4:14, 2:12] = 1
+
+    scores = volume_scores(pred, target, num_classes=2, nsd_tolerance=tolerance)[1]
+
+    assert scores["nsd"] == pytest.approx(expected_nsd, abs=1e-12)
+    assert scores["nsd"] == pytest.approx(nsd_from_definition(pred == 1, target == 1, tolerance))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a deprecation inside MONAI
+        reference = monai_metrics.compute_surface_dice(one_hot(pred, 2), one_hot(target, 2), [tolerance])
+    assert scores["nsd"] == pytest.approx(reference.item(), abs=1e-6)
+
+
+def test_nsd_counts_a_distance_equal_to_the_tolerance_despite_float_rounding() -> None:
+    # Shifted 3 voxels along y at 0.8 mm, every surface voxel lies within 2.4 mm of the other
+    # surface, but in float64 the leading faces are 13 * 0.8 - 10 * 0.8 = 2.4000000000000004 mm
+    # away. MONAI keeps distances in float32, where that is 2.4: all are matched.
+    target = cube((32, 32, 32), (10, 10, 10), 10)
+    pred = cube((32, 32, 32), (10, 13, 10), 10)
+
+    at_shift = volume_scores(pred, target, 2, SPACING, nsd_tolerance=2.4)[1]["nsd"]
+    just_below = volume_scores(pred, target, 2, SPACING, nsd_tolerance=2.39)[1]["nsd"]
+
+    assert at_shift == 1.0
+    assert just_below < 0.8  # the two leading faces (100 of 488 voxels each) and more drop out
+    assert_matches_monai(pred, target, 2, SPACING, nsd_tolerance=2.4)
+    assert_matches_monai(pred, target, 2, SPACING, nsd_tolerance=2.39)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 2.0, 3.5])
+def test_random_2d_blobs_nsd_match_brute_force_definition(seed: int, tolerance: float) -> None:
+    rng = np.random.default_rng(seed)
+    target = random_labels(rng, (40, 40), num_classes=2, sigma=3.0) == 1
+    pred = perturb(rng, target.astype(np.int64), num_classes=2) == 1
+    expected = nsd_from_definition(pred, target, tolerance)
+    assert volume_scores(pred, target, 2, nsd_tolerance=tolerance)[1]["nsd"] == pytest.approx(expected)
+
+
+def test_bad_nsd_tolerance() -> None:
+    labels = np.zeros((4, 8, 8), dtype=np.int64)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="tolerance"):
+            volume_scores(labels, labels, 2, nsd_tolerance=bad)
+
+
 # ----------------------------------------------------------------------------------------------
 # Empty cases
 
 
+# The diagonal of a 16^3 volume at SPACING: sqrt(40^2 + 12.8^2 + 12.8^2) mm.
+DIAGONAL_16 = math.sqrt((16 * 2.5) ** 2 + 2 * (16 * 0.8) ** 2)
+
+
 @pytest.mark.parametrize(
-    "pred_present, target_present, expected_dice",
+    "pred_present, target_present, expected_dice, expected_penalised, expected_nsd",
     [
-        (False, False, NAN),  # organ absent: not scored
-        (True, False, NAN),  # false positive: nan as in MONAI's ignore_empty=True; counted apart
-        (False, True, 0.0),  # missed organ
+        (False, False, NAN, NAN, NAN),  # organ absent: not scored
+        # false positive: Dice nan as in MONAI's ignore_empty=True (counted apart), the rest penalised
+        (True, False, NAN, DIAGONAL_16, 0.0),
+        (False, True, 0.0, DIAGONAL_16, 0.0),  # missed organ
     ],
 )
-def test_empty_cases(pred_present: bool, target_present: bool, expected_dice: float) -> None:
+def test_empty_cases(
+    pred_present: bool, target_present: bool, expected_dice: float, expected_penalised: float, expected_nsd: float
+) -> None:
     organ = cube((16, 16, 16), (4, 4, 4), 5)
     pred = organ if pred_present else np.zeros_like(organ)
     target = organ if target_present else np.zeros_like(organ)
@@ -202,10 +335,53 @@ def test_empty_cases(pred_present: bool, target_present: bool, expected_dice: fl
     scores = volume_scores(pred, target, num_classes=2, spacing=SPACING)[1]
 
     np.testing.assert_equal(scores["dice"], expected_dice)
-    assert math.isnan(scores["hd95"])
+    assert math.isnan(scores["hd95"])  # MONAI's value, kept: nan whenever a mask is empty
+    np.testing.assert_allclose(scores["hd95_penalised"], expected_penalised, rtol=1e-12, equal_nan=True)
+    np.testing.assert_equal(scores["nsd"], expected_nsd)
     assert scores["pred_voxels"] == 125 * pred_present
     assert scores["target_voxels"] == 125 * target_present
     assert_matches_monai(pred, target, 2, SPACING)
+
+
+@pytest.mark.parametrize("spacing", [None, SPACING, (1.0, 1.0, 1.0)], ids=["voxels", "mm", "1mm"])
+def test_penalty_is_the_diagonal_of_the_volume(spacing) -> None:
+    target = np.zeros((24, 30, 40), dtype=np.int64)
+    target[3:6, 4:9, 5:12] = 1  # missed
+    pred = np.zeros_like(target)
+    pred[10:12, 10:12, 10:12] = 2  # false positive
+
+    scores = volume_scores(pred, target, 3, spacing)
+
+    expected = math.sqrt(sum((n * s) ** 2 for n, s in zip(target.shape, spacing or (1, 1, 1))))
+    assert scores[1]["hd95_penalised"] == pytest.approx(expected)
+    assert scores[2]["hd95_penalised"] == pytest.approx(expected)
+    assert scores[1]["hd95_penalised"] == pytest.approx(diagonal(target.shape, spacing))
+    # No distance between two voxels of the volume is as long: the worst found organ scores less.
+    far = np.zeros_like(target)
+    far[0, 0, 0] = far[-1, -1, -1] = 1
+    corner = np.zeros_like(target)
+    corner[0, 0, 0] = 1
+    worst_found = volume_scores(far, corner, 2, spacing)[1]["hd95_penalised"]
+    assert worst_found < expected
+
+
+def test_volume_shape_gives_a_crop_the_penalty_of_the_whole_volume() -> None:
+    # How the interactive task scores an organ: a slab of slices holding all of it.
+    volume = np.zeros((40, 32, 32), dtype=np.int64)
+    volume[12:18, 8:20, 8:20] = 1
+    missed = np.zeros_like(volume)
+    slab = slice(12, 18)
+
+    whole = volume_scores(missed, volume, 2, SPACING)[1]
+    cropped = volume_scores(missed[slab], volume[slab], 2, SPACING, volume_shape=volume.shape)[1]
+    unaware = volume_scores(missed[slab], volume[slab], 2, SPACING)[1]
+
+    np.testing.assert_equal(cropped, whole)
+    assert unaware["hd95_penalised"] < whole["hd95_penalised"]  # the slab's own diagonal
+    with pytest.raises(DataError, match="volume_shape"):
+        volume_scores(missed, volume, 2, volume_shape=(39, 32, 32))
+    with pytest.raises(DataError, match="volume_shape"):
+        volume_scores(missed, volume, 2, volume_shape=(40, 32))
 
 
 def test_three_organs_one_missed_one_false_positive() -> None:
@@ -218,12 +394,16 @@ def test_three_organs_one_missed_one_false_positive() -> None:
 
     scores = volume_scores(torch.as_tensor(pred), torch.as_tensor(target), num_classes=4)
 
+    penalty = math.sqrt(20**2 + 24**2 + 24**2)
     assert scores[1]["dice"] == pytest.approx(2 * 6 * 8 * 6 / (2 * 384))
-    assert scores[1]["hd95"] == pytest.approx(2.0)
+    assert scores[1]["hd95"] == pytest.approx(2.0) and scores[1]["hd95_penalised"] == pytest.approx(2.0)
     assert scores[2]["dice"] == 0.0 and math.isnan(scores[2]["hd95"])
+    assert scores[2]["hd95_penalised"] == pytest.approx(penalty) and scores[2]["nsd"] == 0.0
     assert math.isnan(scores[3]["dice"]) and math.isnan(scores[3]["hd95"])
+    assert scores[3]["hd95_penalised"] == pytest.approx(penalty) and scores[3]["nsd"] == 0.0
     assert scores[3]["pred_voxels"] == 6 * 4 * 6 and scores[3]["target_voxels"] == 0
-    assert_matches_monai(pred, target, 4)
+    for tolerance in (1.0, 2.0):
+        assert_matches_monai(pred, target, 4, nsd_tolerance=tolerance)
 
     names = ["background", "liver", "spleen", "kidney"]
     organs = (summary := summarize_volume_scores({"case": scores}, class_names=names))["organs"]
@@ -235,6 +415,11 @@ def test_three_organs_one_missed_one_false_positive() -> None:
     assert math.isnan(organs["kidney"]["dice"])
     assert summary["dice"] == pytest.approx((scores[1]["dice"] + 0.0) / 2)  # the kidney has no Dice
     assert summary["hd95"] == pytest.approx(2.0)  # only the liver has an HD95
+    # Penalised HD95 and NSD count the missed spleen and the false-positive kidney.
+    assert organs["spleen"]["hd95_penalised"] == organs["kidney"]["hd95_penalised"] == pytest.approx(penalty)
+    assert organs["spleen"]["nsd"] == organs["kidney"]["nsd"] == 0.0
+    assert summary["hd95_penalised"] == pytest.approx((2.0 + 2 * penalty) / 3)
+    assert summary["nsd"] == pytest.approx(scores[1]["nsd"] / 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +453,9 @@ def test_random_blobs_3d_match_monai(seed: int, spacing) -> None:
     rng = np.random.default_rng(seed)
     target = random_labels(rng, (20, 36, 36), num_classes=4, sigma=3.0)
     pred = perturb(rng, target, num_classes=4)
-    assert_matches_monai(pred, target, 4, spacing)
+    # 1.6 and 2.5 mm equal distances on the grid (2 x 0.8, 1 x 2.5): the `<=` edge is exercised.
+    for tolerance in (1.0, 1.6, 2.5):
+        assert_matches_monai(pred, target, 4, spacing, nsd_tolerance=tolerance)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -277,7 +464,8 @@ def test_random_blobs_2d_match_monai(seed: int, spacing) -> None:
     rng = np.random.default_rng(100 + seed)
     target = random_labels(rng, (64, 64), num_classes=5, sigma=3.0)
     pred = perturb(rng, target, num_classes=5)
-    assert_matches_monai(pred, target, 5, spacing)
+    for tolerance in (1.0, 1.4, 2.6):
+        assert_matches_monai(pred, target, 5, spacing, nsd_tolerance=tolerance)
 
 
 def test_random_blobs_with_absent_classes_match_monai() -> None:
@@ -287,6 +475,9 @@ def test_random_blobs_with_absent_classes_match_monai() -> None:
     pred[pred == 2] = 0  # class 2 missed
     target[target == 1] = 0  # class 1 absent from the truth, present in the prediction
     assert_matches_monai(pred, target, 5, SPACING)  # classes 3, 4 absent from both
+    scores = volume_scores(pred, target, 5, SPACING)
+    assert scores[1]["hd95_penalised"] == scores[2]["hd95_penalised"] == pytest.approx(diagonal(pred.shape, SPACING))
+    assert all(math.isnan(scores[c]["hd95_penalised"]) and math.isnan(scores[c]["nsd"]) for c in (3, 4))
 
 
 def test_accepts_tensors_and_whole_number_floats() -> None:
@@ -336,14 +527,29 @@ def test_other_bad_inputs() -> None:
 # Summary
 
 
-def case(dice: float, hd95: float, pred_voxels: int, target_voxels: int) -> dict[str, float]:
-    return {"dice": dice, "hd95": hd95, "pred_voxels": pred_voxels, "target_voxels": target_voxels}
+PENALTY = 100.0
+
+
+def case(
+    dice: float, hd95: float, pred_voxels: int, target_voxels: int, nsd: float | None = None
+) -> dict[str, float]:
+    """Scores as volume_scores gives them, the penalised HD95 and (unless given) NSD following
+    the empty-case rules."""
+    one_empty = (pred_voxels > 0) != (target_voxels > 0)
+    both_empty = pred_voxels == 0 and target_voxels == 0
+    if nsd is None:
+        nsd = NAN if both_empty else 0.0 if one_empty else 0.5
+    penalised = PENALTY if one_empty else hd95
+    return {
+        "dice": dice, "hd95": hd95, "hd95_penalised": penalised, "nsd": nsd,
+        "pred_voxels": pred_voxels, "target_voxels": target_voxels,
+    }
 
 
 def test_summary_means_counts_and_unit() -> None:
     per_case = {
-        "a": {1: case(0.8, 4.0, 100, 100), 2: case(0.0, NAN, 0, 50)},  # organ 2 missed
-        "b": {1: case(0.6, 2.0, 90, 110), 2: case(0.9, 1.0, 40, 50)},
+        "a": {1: case(0.8, 4.0, 100, 100, nsd=0.9), 2: case(0.0, NAN, 0, 50)},  # organ 2 missed
+        "b": {1: case(0.6, 2.0, 90, 110, nsd=0.7), 2: case(0.9, 1.0, 40, 50, nsd=0.8)},
         "c": {1: case(NAN, NAN, 30, 0), 2: case(NAN, NAN, 0, 0)},  # organ 1 false positive, 2 absent
     }
 
@@ -352,14 +558,45 @@ def test_summary_means_counts_and_unit() -> None:
     assert summary["cases"] == 3 and summary["hd95_unit"] == "voxels"
     assert summary["organs"]["1"] == {
         "class_index": 1, "dice": pytest.approx(0.7), "hd95": pytest.approx(3.0),
+        "hd95_penalised": pytest.approx((4.0 + 2.0 + PENALTY) / 3), "nsd": pytest.approx((0.9 + 0.7 + 0.0) / 3),
         "cases": 2, "missed": 0, "false_positive": 1,
     }
     assert summary["organs"]["2"] == {
         "class_index": 2, "dice": pytest.approx(0.45), "hd95": pytest.approx(1.0),
+        "hd95_penalised": pytest.approx((PENALTY + 1.0) / 2), "nsd": pytest.approx((0.0 + 0.8) / 2),
         "cases": 2, "missed": 1, "false_positive": 0,
     }
     assert summary["dice"] == pytest.approx((0.7 + 0.45) / 2)
     assert summary["hd95"] == pytest.approx((3.0 + 1.0) / 2)
+    assert summary["hd95_penalised"] == pytest.approx(((106.0 / 3) + 50.5) / 2)
+    assert summary["nsd"] == pytest.approx((1.6 / 3 + 0.4) / 2)
+    assert list(summary) == ["cases", "dice", "hd95", "hd95_penalised", "nsd", "hd95_unit", "organs"]
+
+
+def test_missing_organs_worsen_the_penalised_hd95_not_the_plain_one() -> None:
+    # MONAI #9095: ten cases, the organ found 2 voxels off in the easy ones and 5 off in the hard
+    # ones. A model that misses the hard ones gets a *better* plain HD95 (they drop out of the
+    # mean); its penalised HD95 and NSD get worse.
+    def per_case(missed_hard: bool) -> dict[str, dict[int, dict[str, float]]]:
+        cases = {}
+        for index in range(10):
+            target = cube((24, 24, 24), (6, 6, 6), 8)
+            shift = 2 if index < 5 else 5
+            pred = np.roll(target, shift, axis=2)
+            if missed_hard and index >= 5:
+                pred = np.zeros_like(target)
+            cases[str(index)] = volume_scores(pred, target, 2, nsd_tolerance=2.0)
+        return cases
+
+    finds_all = summarize_volume_scores(per_case(False), unit="voxels")
+    misses_hard = summarize_volume_scores(per_case(True), unit="voxels")
+
+    assert misses_hard["hd95"] < finds_all["hd95"]  # the optimistic empty
+    assert misses_hard["hd95_penalised"] > finds_all["hd95_penalised"]
+    assert misses_hard["nsd"] < finds_all["nsd"]
+    assert misses_hard["dice"] < finds_all["dice"]
+    assert misses_hard["hd95_penalised"] == pytest.approx((5 * 2.0 + 5 * diagonal((24, 24, 24))) / 10)
+    assert misses_hard["organs"]["1"]["missed"] == 5
 
 
 def test_summary_of_real_scores_is_json_friendly() -> None:
@@ -376,8 +613,10 @@ def test_summary_of_real_scores_is_json_friendly() -> None:
 
     assert list(summary["organs"]) == ["liver", "spleen"] and summary["hd95_unit"] == "mm"
     assert json.loads(json.dumps(summary))["organs"]["liver"]["cases"] == 2
-    expected = np.mean([per_case[c][1]["dice"] for c in ("case_0", "case_1")])
-    assert summary["organs"]["liver"]["dice"] == pytest.approx(expected)
+    for key in ("dice", "hd95", "hd95_penalised", "nsd"):
+        expected = np.mean([per_case[c][1][key] for c in ("case_0", "case_1")])
+        assert summary["organs"]["liver"][key] == pytest.approx(expected), key
+    assert all(type(value) in (int, float) for value in per_case["case_0"][1].values())
 
 
 def test_summary_with_nothing_measured_and_bad_arguments() -> None:
@@ -391,6 +630,37 @@ def test_summary_with_nothing_measured_and_bad_arguments() -> None:
         summarize_volume_scores(empty, class_names=["background"])
     with pytest.raises(DataError, match="volume_scores"):
         summarize_volume_scores({"a": {1: {"dice": 0.5, "hd95": 1.0}}})
+    with pytest.raises(DataError, match="hd95_penalised, nsd"):
+        summarize_volume_scores({"a": {1: {"dice": 0.5, "hd95": 1.0, "pred_voxels": 1, "target_voxels": 1}}})
+    assert math.isnan(summary["hd95_penalised"]) and math.isnan(summary["nsd"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric definitions
+
+
+def test_metric_definitions_state_unit_tolerance_and_empty_rules() -> None:
+    import json
+
+    assert set(METRIC_DEFINITIONS) == {"dice", "hd95", "hd95_penalised", "nsd"}
+    assert METRIC_DEFINITIONS == metric_definitions(DEFAULT_NSD_TOLERANCE, "mm")
+    assert vpt.metrics.METRIC_DEFINITIONS is METRIC_DEFINITIONS
+    assert {"METRIC_DEFINITIONS", "metric_definitions"} <= set(vpt.metrics.__all__)
+    for text in METRIC_DEFINITIONS.values():
+        assert "both empty" in text and text.endswith(".")
+    for key in ("dice", "hd95", "hd95_penalised", "nsd"):
+        assert "missed" in METRIC_DEFINITIONS[key] and "false-positive" in METRIC_DEFINITIONS[key]
+    assert "in mm" in METRIC_DEFINITIONS["hd95"] and "diagonal" in METRIC_DEFINITIONS["hd95_penalised"]
+    assert "1 mm" in METRIC_DEFINITIONS["nsd"] and "<=" in METRIC_DEFINITIONS["nsd"]
+
+    in_voxels = metric_definitions(nsd_tolerance=2.5, hd95_unit="voxels")
+    assert "2.5 voxels" in in_voxels["nsd"] and "in voxels" in in_voxels["hd95"]
+    assert "mm" not in in_voxels["hd95"] + in_voxels["hd95_penalised"] + in_voxels["nsd"]
+    assert json.loads(json.dumps(in_voxels)) == in_voxels
+    with pytest.raises(ConfigError, match="unit"):
+        metric_definitions(1.0, "cm")
+    with pytest.raises(ConfigError, match="tolerance"):
+        metric_definitions(-1.0, "mm")
 
 
 # ----------------------------------------------------------------------------------------------
