@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vpt.backbones import create_vit
 from vpt.data import (
     SHAPE_NAMES,
     ArrayDataset,
@@ -20,9 +23,13 @@ from vpt.data import (
     build_transforms,
     generate_shapes,
     group_split,
+    default_num_workers,
+    resolve_num_workers,
     stratified_split,
+    warn_once,
 )
-from vpt.errors import DataError
+from vpt.data import loading
+from vpt.errors import ConfigError, DataError
 
 # Half-grey normalisation makes expected values easy: white -> +1, black -> -1.
 HALF = (0.5, 0.5, 0.5)
@@ -327,3 +334,123 @@ def test_synthetic_shapes_data_module() -> None:
 def test_array_dataset_rejects_wrong_layout() -> None:
     with pytest.raises(DataError, match="uint8 RGB"):
         ArrayDataset(np.zeros((2, 3, 8, 8), dtype=np.uint8), [0, 1])
+
+
+# -- loader settings and setup warnings -------------------------------------------------
+
+
+@pytest.fixture
+def fresh_warn_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which warnings were given, so each test sees its own once-per-process warnings."""
+    monkeypatch.setattr(loading, "_warned", set())
+
+
+def _batch_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "task.data.batch_size" in record.getMessage()]
+
+
+def test_batch_larger_than_training_set_warns_once(fresh_warn_once: None, caplog: pytest.LogCaptureFixture) -> None:
+    def shapes(batch_size: int) -> SyntheticShapesDataModule:
+        # 2 classes x 5 images, a fifth each carved out for val and test: 6 training images.
+        return SyntheticShapesDataModule(
+            num_classes=2, samples_per_class=5, image_size=8, batch_size=batch_size, val_fraction=0.2,
+            test_fraction=0.2,
+        )
+
+    with caplog.at_level("WARNING"):
+        for batch_size in (6, 4):
+            data = shapes(batch_size)
+            data.setup()
+            next(iter(data.train_dataloader()))
+    assert _batch_warnings(caplog) == [], "a batch of at most the training set is fine"
+    with caplog.at_level("WARNING"):
+        data = shapes(16)
+        data.setup()
+        data.setup("fit")
+        images, _ = next(iter(data.train_dataloader()))
+        shapes(16).setup()  # a second module in the same run
+    (message,) = _batch_warnings(caplog)
+    assert images.shape[0] == 6
+    assert "task.data.batch_size=16 is larger than the 6 training images" in message
+    assert "effective batch size" in message and "lower task.data.batch_size to 6 or less" in message
+
+
+def test_warn_once_repeats_nothing(fresh_warn_once: None, caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("vpt.test_warn_once")
+    with caplog.at_level("WARNING", logger=logger.name):
+        assert warn_once(logger, "%d apples", 3)
+        assert not warn_once(logger, "3 apples")  # the same text, however it was formatted
+        assert warn_once(logger, "%d apples", 4)
+    assert [record.getMessage() for record in caplog.records] == ["3 apples", "4 apples"]
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (3, 2), (8, 7), (9, 8), (64, 8)])
+def test_default_num_workers_leaves_a_core(cpus: int, workers: int) -> None:
+    assert default_num_workers(cpus) == workers
+
+
+def test_available_cpus_prefers_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loading.available_cpus() == 2 and default_num_workers() == 1
+    monkeypatch.delattr(loading.os, "sched_getaffinity")  # as on macOS
+    assert loading.available_cpus() == 32 and default_num_workers() == 8
+
+
+def test_resolve_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "available_cpus", lambda: 4)
+    assert resolve_num_workers(None) == resolve_num_workers("auto") == resolve_num_workers("AUTO") == 3
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(5) == 5 and resolve_num_workers("2") == 2
+    for bad in (-1, True, 1.5, "many"):
+        with pytest.raises(ConfigError, match="task.data.num_workers to 0 or more, or to null"):
+            resolve_num_workers(bad)
+
+
+def test_data_module_workers_and_pinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "available_cpus", lambda: 3)
+    data = SyntheticShapesDataModule(num_classes=2, samples_per_class=4, image_size=8, num_workers=None)
+    assert data.num_workers == 2
+    data = SyntheticShapesDataModule(num_classes=2, samples_per_class=4, image_size=8, num_workers=0)
+    data.setup()
+    loader = data.train_dataloader()
+    assert loader.num_workers == 0
+    assert loader.pin_memory == torch.cuda.is_available(), "pinned memory only helps copies to a GPU"
+
+
+# -- input sizes that are no multiple of the patch size ----------------------------------
+
+_TINY_VIT = dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=0)
+
+
+def _patch_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "patch size" in record.getMessage()]
+
+
+def test_vit_img_size_off_the_patch_grid_warns_naming_nearest_sizes(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="vpt.backbones.timm_vit"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random-init warning
+        create_vit("vit_tiny_patch16_224", pretrained=False, img_size=36, **_TINY_VIT)
+    (message,) = _patch_warnings(caplog)
+    assert "model.img_size=36 is not a multiple of the patch size 8" in message
+    assert "set model.img_size to 32 or 40" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vpt.backbones.timm_vit"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        create_vit("vit_tiny_patch16_224", pretrained=False, img_size=(32, 44), **_TINY_VIT)
+    (message,) = _patch_warnings(caplog)
+    assert "[32, 44]" in message and "[32, 40] or [32, 48]" in message
+
+
+def test_vit_img_size_on_the_patch_grid_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="vpt.backbones.timm_vit"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        create_vit("vit_tiny_patch16_224", pretrained=False, img_size=40, **_TINY_VIT)
+        create_vit("vit_tiny_patch16_224", pretrained=False, **{**_TINY_VIT, "patch_size": 16})
+    assert _patch_warnings(caplog) == []
+
+
+def test_sam_img_size_off_the_patch_grid_names_nearest_sizes() -> None:
+    from vpt.backbones.sam import build_sam
+
+    with pytest.raises(ConfigError, match=r"multiple of its patch size 16, got 72; set model.img_size to 64 or 80"):
+        build_sam("sam_tiny", pretrained=False, img_size=72)

@@ -29,6 +29,7 @@ from vpt.data.medical import (
     write_phantom_dataset,
     write_volume,
 )
+from vpt.data import loading
 from vpt.data.medical import phantom as phantom_module
 from vpt.errors import ConfigError, DataError
 
@@ -438,3 +439,208 @@ def test_config_errors(tmp_path: Path) -> None:
         VolumeSegmentationDataModule(tmp_path, layout="dicom")
     with pytest.raises(ConfigError, match="empty_slice_fraction"):
         VolumeSegmentationDataModule(tmp_path, empty_slice_fraction=2.0)
+
+
+# -- data checks: non-finite images, geometry, batch size -----------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_warn_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which warnings were given, so each test sees its own once-per-process warnings."""
+    monkeypatch.setattr(loading, "_warned", set())
+
+
+def organ_label(depth: int = 4) -> np.ndarray:
+    label = np.zeros((depth, 8, 8), dtype=np.uint8)
+    label[:, 2:6, 3:6] = 1
+    return label
+
+
+def write_nnunet_with_test_split(root: Path, bad_value: float | None = None, bad_case: str = "test_b") -> Path:
+    """Three training and two official test cases; ``bad_value`` is planted in one voxel of ``bad_case``."""
+    write_dataset_json(root, {"background": 0, "organ": 1})
+    label = organ_label()
+    for name in ("train_a", "train_b", "train_c"):
+        write_case(root, name, label)
+    for name in ("test_a", "test_b"):
+        image = (100.0 * label).astype(np.float32)
+        if name == bad_case and bad_value is not None:
+            image[2, 5, 1] = bad_value
+        write_volume(root / "imagesTs" / f"{name}_0000.nii.gz", image, SPACING)
+        write_volume(root / "labelsTs" / f"{name}.nii.gz", label, SPACING)
+    if bad_case.startswith("train") and bad_value is not None:
+        image = (100.0 * label).astype(np.float32)
+        image[2, 5, 1] = bad_value
+        write_volume(root / "imagesTr" / f"{bad_case}_0000.nii.gz", image, SPACING)
+    return root
+
+
+def nnunet_module(root: Path, **kwargs: object) -> VolumeSegmentationDataModule:
+    options: dict = dict(image_size=8, val_fraction=0.34, empty_slice_fraction=1.0, batch_size=2)
+    return VolumeSegmentationDataModule(root, **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_test_volume_names_case_and_file(tmp_path: Path, bad_value: float) -> None:
+    root = write_nnunet_with_test_split(tmp_path, bad_value)
+    module = nnunet_module(root)
+    assert [case.case_id for case in module.cases("test")] == ["test_a", "test_b"]
+    expected = (
+        r"Case test_b: image .*imagesTs/test_b_0000\.nii\.gz holds 1 non-finite voxel.*\(2, 5, 1\).*remove the case"
+    )
+    # Where the test loop reads it, and in the check a run makes at its start.
+    with pytest.raises(DataError, match=expected):
+        list(module.test_dataloader())
+    with pytest.raises(DataError, match=expected):
+        module.check_cases()
+    # The training and validation cases are clean: checking only them passes.
+    assert module.check_cases(splits=("train", "val")) == 3
+
+
+def test_non_finite_training_volume_fails_before_training(tmp_path: Path) -> None:
+    root = write_nnunet_with_test_split(tmp_path, np.nan, bad_case="train_b")
+    module = nnunet_module(root, val_fraction=0.0)
+    with pytest.raises(DataError, match=r"Case train_b: image .*train_b_0000\.nii\.gz holds 1 non-finite"):
+        module.train_dataloader()
+    with pytest.raises(DataError, match="Case train_b"):
+        nnunet_module(root, val_fraction=0.0).check_cases(splits=("train",))
+
+
+def test_check_cases_passes_clean_data_and_keeps_slices(phantom_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = VolumeSegmentationDataModule(phantom_root, image_size=16, val_fraction=0.25, test_fraction=0.25)
+    assert module.check_cases() == 8
+    from vpt.data.medical import datamodule as datamodule_module
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training cases were read a second time")
+
+    monkeypatch.setattr(datamodule_module, "load_case", fail)
+    assert len(module.dataset("train")) > 0 and len(module.dataset("val")) > 0
+
+
+def test_non_finite_synapse_files_name_the_case(tmp_path: Path) -> None:
+    write_synapse(tmp_path, {"case0005": 3, "case0006": 3}, test_cases=("case0001", "case0002"))
+    with np.load(tmp_path / "train_npz" / "case0006_slice001.npz") as data:
+        image, label = data["image"].copy(), data["label"]
+    image[4, 4] = np.nan
+    np.savez(tmp_path / "train_npz" / "case0006_slice001.npz", image=image, label=label)
+    module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0.0, batch_size=1)
+    with pytest.raises(DataError, match=r"Case case0006: image .*case0006_slice001\.npz holds 1 non-finite"):
+        module.check_cases(splits=("train",))
+    dataset = module.dataset("train")
+    bad = [index for index, record in enumerate(dataset.records) if record.path.name == "case0006_slice001.npz"]
+    dataset[0]  # clean slices still load
+    with pytest.raises(DataError, match="Case case0006"):
+        dataset[bad[0]]
+    with h5py.File(tmp_path / "test_vol_h5" / "case0002.npy.h5", "r+") as data:
+        data["image"][1, 2, 3] = np.inf
+    with pytest.raises(DataError, match=r"Case case0002: image .*case0002\.npy\.h5 holds 1 non-finite"):
+        module.check_cases(splits=("test",))
+
+
+def test_nan_in_a_label_is_named_as_such(tmp_path: Path) -> None:
+    label = organ_label().astype(np.float32)
+    label[0, 0, 0] = np.nan
+    write_volume(tmp_path / "l.nii.gz", label, SPACING)
+    with pytest.raises(DataError, match=r"l\.nii\.gz holds NaN or infinite values"):
+        read_volume(tmp_path / "l.nii.gz", label=True)
+
+
+def write_mismatched_spacing(root: Path, label_spacing: tuple[float, float, float]) -> None:
+    write_dataset_json(root, {"background": 0, "organ": 1})
+    label = organ_label()
+    write_volume(root / "imagesTr" / "tilted_0000.nii.gz", (100 * label).astype(np.int16), SPACING)
+    write_volume(root / "labelsTr" / "tilted.nii.gz", label, label_spacing)
+
+
+def test_spacing_mismatch_names_case_and_both_spacings(tmp_path: Path) -> None:
+    write_mismatched_spacing(tmp_path, (2.5, 0.8, 0.7))
+    module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0)
+    expected = (
+        r"Case tilted: image .* spacing \(2\.5, 0\.8, 0\.6\) mm but label .*tilted\.nii\.gz "
+        r"has \(2\.5, 0\.8, 0\.7\)"
+    )
+    with pytest.raises(DataError, match=expected + r".*resample the label"):
+        module.check_cases()
+    (case,) = find_cases(tmp_path).cases
+    with pytest.raises(DataError, match=expected):
+        load_case(case, label_only=True)  # the header-only path checks too
+
+
+def test_spacing_within_rounding_is_accepted(tmp_path: Path) -> None:
+    write_mismatched_spacing(tmp_path, (2.5, 0.8, 0.6 * (1 + 2e-4)))
+    module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0)
+    assert module.check_cases() == 1
+
+
+def test_shape_mismatch_is_found_by_check_cases(tmp_path: Path) -> None:
+    write_dataset_json(tmp_path, {"background": 0, "organ": 1})
+    write_volume(tmp_path / "imagesTr" / "crooked_0000.mha", np.zeros((4, 8, 8), np.int16), SPACING)
+    write_volume(tmp_path / "labelsTr" / "crooked.mha", np.zeros((4, 8, 9), np.uint8), SPACING)
+    module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0)
+    with pytest.raises(DataError, match=r"Case crooked: .*\(4, 8, 8\).*\(4, 8, 9\)"):
+        module.check_cases()
+
+
+def test_origin_mismatch_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_dataset_json(tmp_path, {"background": 0, "organ": 1})
+    label = organ_label()
+    write_volume(tmp_path / "imagesTr" / "moved_0000.mha", (100 * label).astype(np.int16), SPACING)
+    shifted = sitk.GetImageFromArray(label)
+    shifted.SetSpacing(tuple(reversed(SPACING)))
+    shifted.SetOrigin((0.0, 0.0, 10.0))  # (x, y, z): 4 slices higher, same grid
+    (tmp_path / "labelsTr").mkdir()
+    sitk.WriteImage(shifted, str(tmp_path / "labelsTr" / "moved.mha"))
+    (case,) = find_cases(tmp_path).cases
+    with caplog.at_level("WARNING", logger="vpt.data.medical.layouts"):
+        load_case(case)
+        load_case(case)
+    warnings = [record.getMessage() for record in caplog.records if "origin" in record.getMessage()]
+    assert len(warnings) == 1 and "Case moved" in warnings[0] and "(0.0, 0.0, 10.0)" in warnings[0]
+    caplog.clear()
+    write_case(tmp_path, "aligned", label)
+    load_case(find_cases(tmp_path).cases[0])  # NIfTI image and label written alike: no warning
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+def batch_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "task.data.batch_size" in record.getMessage()]
+
+
+def test_batch_larger_than_training_slices_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_dataset_json(tmp_path, {"background": 0, "organ": 1})
+    write_case(tmp_path, "only", organ_label(depth=3))
+    module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0, batch_size=5)
+    with caplog.at_level("WARNING"):
+        module.setup()
+        module.train_dataloader()
+        module.train_dataloader()
+        again = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0, batch_size=5)
+        again.check_cases()
+        next(iter(again.train_dataloader()))
+    (message,) = batch_warnings(caplog)
+    assert "task.data.batch_size=5 is larger than the 3 training slices" in message
+    assert "effective batch size" in message and "lower task.data.batch_size to 3 or less" in message
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_batch_within_training_slices_does_not_warn(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, batch_size: int
+) -> None:
+    write_dataset_json(tmp_path, {"background": 0, "organ": 1})
+    write_case(tmp_path, "only", organ_label(depth=3))
+    module = VolumeSegmentationDataModule(
+        tmp_path, image_size=8, val_fraction=0, test_fraction=0, batch_size=batch_size
+    )
+    with caplog.at_level("WARNING"):
+        next(iter(module.train_dataloader()))
+    assert batch_warnings(caplog) == []
+
+
+def test_segmentation_workers_default_to_the_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "available_cpus", lambda: 6)
+    assert VolumeSegmentationDataModule(tmp_path, num_workers=None).num_workers == 5
+    assert VolumeSegmentationDataModule(tmp_path, num_workers="auto").num_workers == 5
+    assert VolumeSegmentationDataModule(tmp_path, num_workers=2).num_workers == 2
+    with pytest.raises(ConfigError, match="task.data.num_workers"):
+        VolumeSegmentationDataModule(tmp_path, num_workers=-1)

@@ -312,9 +312,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 # --- build_sam ---------------------------------------------------------------------------------
 
 
-def test_sam_tiny_trains_end_to_end_through_its_parts() -> None:
-    with pytest.warns(UserWarning, match="random-init"):
+def test_sam_tiny_trains_end_to_end_through_its_parts(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="vpt.backbones.sam"):
         sam = build_sam("sam_tiny", pretrained=False, img_size=64)
+    assert sum("random-init" in r.getMessage() for r in caplog.records) == 1
     assert sam.prompt_encoder.image_embedding_size == (4, 4)
     assert sam.prompt_encoder.input_image_size == (64, 64)
     encoder = PromptedSamEncoder(sam.image_encoder, num_tokens=2).train()
@@ -342,7 +343,7 @@ def test_sam_tiny_trains_end_to_end_through_its_parts() -> None:
 
 @pytest.mark.parametrize("variant", ["sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"])
 def test_variants_follow_img_size(variant: str) -> None:
-    with torch.device("meta"), pytest.warns(UserWarning, match="random-init"):
+    with torch.device("meta"):
         sam = build_sam(variant, pretrained=False, img_size=512)
     encoder = sam.image_encoder
     width = {"sam_vit_l": 1024, "sam_vit_h": 1280}.get(variant, 768)

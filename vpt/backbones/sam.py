@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -211,9 +210,13 @@ def build_sam(
     if variant not in SAM_BUILDERS:
         raise ConfigError(f"Unknown SAM variant '{variant}'; pick one of {', '.join(SAM_BUILDERS)}.")
     if img_size <= 0 or img_size % PATCH_SIZE:
+        # An error, not a warning: prompt coordinates span img_size pixels, the embedding grid fewer.
+        lower = max(PATCH_SIZE, img_size // PATCH_SIZE * PATCH_SIZE)
+        upper = max(PATCH_SIZE, -(-img_size // PATCH_SIZE) * PATCH_SIZE)
+        nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
         raise ConfigError(
             f"SAM img_size must be a positive multiple of its patch size {PATCH_SIZE}, got {img_size}; "
-            "set model.img_size to e.g. 1024, 512 or 256."
+            f"set model.img_size to {nearest} (1024, 512 and 256 are common)."
         )
     if not checkpoint and pretrained:
         filename, where = _WEIGHTS_SOURCES.get(variant, ("weights.pth", f"{variant} has no published weights; use one you saved"))
@@ -238,8 +241,8 @@ def build_sam(
         f"Building {variant} as a random-init model: results will not reflect pretrained transfer; "
         "set model.checkpoint=/path/to/weights.pth for a real run."
     )
+    # Logged only (no warnings.warn as well): the console would show it twice.
     _logger.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=2)
     return model.train()
 
 

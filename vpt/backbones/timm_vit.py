@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +85,45 @@ def create_vit(
             _logger.info("model.checkpoint is set, so %s's hub weights are not downloaded.", name)
         model = _build_architecture(name, kwargs)
         load_vit_checkpoint(model, checkpoint)
-        return model
-
-    if pretrained:
-        return _create_with_hub_weights(name, kwargs)
-
-    model = _build_architecture(name, kwargs)
-    message = (
-        f"Building {name} as a random-init backbone: results will not reflect pretrained transfer; "
-        "set model.pretrained=true or model.checkpoint=... for a real run."
-    )
-    _logger.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=2)
+    elif pretrained:
+        model = _create_with_hub_weights(name, kwargs)
+    else:
+        model = _build_architecture(name, kwargs)
+        message = (
+            f"Building {name} as a random-init backbone: results will not reflect pretrained transfer; "
+            "set model.pretrained=true or model.checkpoint=... for a real run."
+        )
+        # Logged only (no warnings.warn as well): the console would show it twice.
+        _logger.warning(message)
+    if img_size is not None:
+        _warn_if_not_patch_multiple(model, name)
     return model
+
+
+def _warn_if_not_patch_multiple(model: VisionTransformer, name: str) -> None:
+    """Warn when the input size is no multiple of the patch size: the patch grid then leaves
+    the last rows/columns of every image out (or pads them, with ``dynamic_img_pad``)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size, patch = getattr(patch_embed, "img_size", None), getattr(patch_embed, "patch_size", None)
+    if size is None or patch is None:  # no fixed input size to check
+        return
+    size, patch = tuple(int(side) for side in size), tuple(int(side) for side in patch)
+    if all(side % step == 0 for side, step in zip(size, patch)):
+        return
+    lower = tuple(max(step, side // step * step) for side, step in zip(size, patch))
+    upper = tuple(-(-side // step) * step for side, step in zip(size, patch))
+    square = len(set(size)) == 1 and len(set(patch)) == 1
+
+    def show(sides: tuple[int, ...]) -> str:
+        return str(sides[0]) if square else str(list(sides))
+
+    padded = getattr(patch_embed, "dynamic_img_pad", False)
+    effect = "pads each image up to the next multiple" if padded else "never sees the last rows/columns of each image"
+    _logger.warning(
+        "model.img_size=%s is not a multiple of the patch size %s of %s, so the model %s; "
+        "set model.img_size to %s or %s.",
+        show(size), show(patch), name, effect, show(lower), show(upper),
+    )
 
 
 def _check_known(name: str) -> None:

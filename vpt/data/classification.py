@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from vpt.data.loading import make_loader
+from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set
 from vpt.data.splits import stratified_split
 from vpt.data.transforms import build_transforms, to_size
 from vpt.errors import ConfigError, DataError
@@ -77,6 +77,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
             image.load()
             if image.mode in _HIGH_DEPTH_MODES:
                 values = np.asarray(image, dtype=np.float32)
+                if not np.isfinite(values).all():
+                    raise DataError(
+                        f"Image {path} holds NaN or infinite pixel values; replace them with finite values or "
+                        "remove the image from the data."
+                    )
                 low, high = float(values.min()), float(values.max())
                 values = (values - low) * (255.0 / max(high - low, 1e-6))
                 gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
@@ -184,7 +189,8 @@ class ClassificationDataModule(L.LightningDataModule):
         std: Backbone normalisation standard deviation per RGB channel, in [0, 1] units.
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size; ``None`` uses ``batch_size``.
-        num_workers: Loader worker processes; 0 loads in the main process.
+        num_workers: Loader worker processes; 0 loads in the main process, ``None`` (or
+            ``"auto"``) uses one per CPU core but one, at most 8.
         augment: Whether training uses random resized crops and flips.
         seed: Seed of the split carving and of the augmentation stream.
         val_fraction: Share of the training items carved out as val when there is no val split.
@@ -199,7 +205,7 @@ class ClassificationDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str | None = 0,
         augment: bool = True,
         seed: int = 0,
         val_fraction: float = 0.15,
@@ -208,8 +214,6 @@ class ClassificationDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError(f"Batch size {batch_size}/{eval_batch_size} is not valid; use 1 or more.")
-        if num_workers < 0:
-            raise ConfigError(f"num_workers={num_workers} is not valid; use 0 or more.")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data; "
@@ -221,7 +225,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.std = tuple(float(value) for value in std)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
-        self.num_workers = int(num_workers)
+        self.num_workers = resolve_num_workers(num_workers)
         self.augment = bool(augment)
         self.seed = int(seed)
         self.val_fraction = float(val_fraction)
@@ -268,6 +272,9 @@ class ClassificationDataModule(L.LightningDataModule):
         self._items = self._complete_splits(items)
         sizes = ", ".join(f"{split} {len(self._items[split])}" for split in SPLITS)
         _logger.info("%s: %d classes; items: %s.", type(self).__name__, self.num_classes, sizes)
+        warn_batch_exceeds_training_set(
+            _logger, self.batch_size, len(self._items["train"]), "images", type(self).__name__
+        )
 
     def _complete_splits(self, items: dict[str, list[Item]]) -> dict[str, list[Item]]:
         """Carve the missing val/test splits out of the training items, stratified by class."""

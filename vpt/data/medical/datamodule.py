@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vpt.data.classification import SPLITS
-from vpt.data.medical.io import read_npz_slice
+from vpt.data.medical.io import check_finite, read_npz_slice
 from vpt.data.medical.layouts import LAYOUTS, Case, CaseIndex, find_cases, load_case
 from vpt.data.medical.phantom import (
     DEFAULT_PHANTOM_SHAPE,
@@ -50,7 +50,7 @@ from vpt.data.medical.phantom import (
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
 from vpt.data.splits import group_split
-from vpt.data.loading import make_loader
+from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set
 from vpt.data.transforms import to_size
 from vpt.errors import ConfigError, DataError
 
@@ -167,6 +167,8 @@ class SliceDataset(Dataset):
         record = self.records[index]
         if record.path is not None:
             image, label = read_npz_slice(record.path)
+            # Synapse slice images are first read here, in a worker, so this is where a NaN shows.
+            check_finite(image, record.path, record.case_id)
             image = np.clip(image, 0.0, 1.0)
         else:
             image, label = record.image, record.label
@@ -264,7 +266,8 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             volume by its percentiles (non-CT). Not applied to data already in [0, 1].
         batch_size: Training batch size (slices).
         eval_batch_size: Validation batch size (slices); ``None`` uses ``batch_size``.
-        num_workers: Loader worker processes; 0 loads in the main process.
+        num_workers: Loader worker processes; 0 loads in the main process, ``None`` (or
+            ``"auto"``) uses one per CPU core but one, at most 8.
         val_fraction: Share of the (non-test) cases used for validation.
         test_fraction: Share of the cases used for testing when there is no official test split.
         seed: Seed of the case split, the slice sampling and the augmentation stream.
@@ -289,7 +292,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         window: Sequence[float] | None = ABDOMEN_WINDOW,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str | None = 0,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
@@ -310,8 +313,6 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             raise ConfigError(f"num_classes={num_classes} is not valid; count the background, so use 2 or more.")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError(f"Batch size {batch_size}/{eval_batch_size} is not valid; use 1 or more.")
-        if num_workers < 0:
-            raise ConfigError(f"num_workers={num_workers} is not valid; use 0 or more.")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training cases; "
@@ -341,7 +342,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         self.window = window
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
-        self.num_workers = int(num_workers)
+        self.num_workers = resolve_num_workers(num_workers)
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.seed = int(seed)
@@ -528,8 +529,43 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 "The %s cases of %s have no labelled slice and empty_slice_fraction=%s keeps no empty one.",
                 split, self.root, self.empty_slice_fraction,
             )
+        if split == "train":
+            warn_batch_exceeds_training_set(_logger, self.batch_size, len(records), "slices", str(self.root))
         self._records[split] = records
         return records
+
+    def check_cases(self, splits: Sequence[str] = SPLITS) -> int:
+        """Read every case of the given splits once and raise on the first problem.
+
+        Meant for the start of a run, so that a bad case fails it in minutes rather than
+        after hours of training: unreadable files, NaN or infinite image values, image and
+        label of different shapes or spacings, and label values outside ``0 ..
+        num_classes - 1``. The train and val slices read here are kept for training, so
+        those splits are not read twice.
+
+        Args:
+            splits: Which of ``"train"``, ``"val"``, ``"test"`` to check.
+
+        Returns:
+            The number of cases checked.
+
+        Raises:
+            DataError: The first problem found, naming its case and file.
+        """
+        checked = 0
+        for split in splits:
+            cases = self.cases(split)
+            if split != "test":
+                self._slice_records(split)  # reads and checks every volume of the split
+            for case in cases:
+                # Test volumes are only read at test time, and Synapse slice images only per item.
+                if split == "test" or case.kind == "synapse_slices":
+                    arrays = load_case(case)
+                    if arrays.label is not None:
+                        check_label_values(arrays.label, self.num_classes, case.case_id, case.label)
+            checked += len(cases)
+        _logger.info("%s: checked %d cases of the %s split(s).", self.root, checked, "/".join(splits))
+        return checked
 
     # -- datasets and loaders -------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
@@ -24,8 +26,12 @@ from vpt.errors import DataError
 
 __all__ = [
     "VOLUME_SUFFIXES",
+    "VolumeGeometry",
     "volume_suffix",
+    "check_finite",
     "read_volume",
+    "read_volume_with_geometry",
+    "read_volume_geometry",
     "read_volume_shape",
     "write_volume",
     "read_npz_slice",
@@ -40,6 +46,58 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
 
 Spacing = tuple[float, float, float]
+
+# NIfTI headers are RAS, ITK's are LPS; flipping x and y puts both in ITK's frame so an image
+# and a label read by different libraries still compare.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Where a volume's voxels lie, as its header says.
+
+    Attributes:
+        shape: ``(D, H, W)`` = ``(z, y, x)`` voxels, as :func:`read_volume` returns the array.
+        spacing: Voxel size in mm as ``(z, y, x)``.
+        origin: Position in mm of the first stored voxel as ``(x, y, z)`` in LPS (ITK's
+            frame; NIfTI's RAS is converted), ``None`` when the header has none.
+        direction: The index axes' unit vectors in LPS, row-major 3 x 3 as ITK's
+            ``GetDirection`` gives it, ``None`` when the header has none.
+    """
+
+    shape: tuple[int, ...]
+    spacing: Spacing
+    origin: tuple[float, float, float] | None = None
+    direction: tuple[float, ...] | None = None
+
+
+def check_finite(image: np.ndarray, path: str | Path, case_id: str) -> None:
+    """Insist that an image holds no NaN or infinite value.
+
+    One NaN voxel makes a whole volume's percentile scaling NaN and its predictions score
+    as an empty segmentation, which silently lowers the reported Dice; so it is an error at
+    load time rather than a value to clip.
+
+    Args:
+        image: The image array of one case (or slice), any shape.
+        path: The file it came from, for the message.
+        case_id: The case, for the message.
+
+    Raises:
+        DataError: The image holds a NaN or an infinity.
+    """
+    if image.size == 0 or not np.issubdtype(image.dtype, np.floating):
+        return
+    # min and max propagate NaN and show infinities without allocating a mask of the volume's size.
+    if np.isfinite(image.min()) and np.isfinite(image.max()):
+        return
+    finite = np.isfinite(image)
+    count = int(finite.size - np.count_nonzero(finite))
+    first = tuple(int(index) for index in np.unravel_index(int(np.argmin(finite)), image.shape))
+    raise DataError(
+        f"Case {case_id}: image {path} holds {count} non-finite voxel(s) (NaN or inf, the first at index {first}); "
+        "replace them with a finite value such as the background intensity, or remove the case from the data set."
+    )
 
 
 def volume_suffix(path: str | Path) -> str | None:
@@ -66,6 +124,11 @@ def _as_label(values: np.ndarray, path: Path) -> np.ndarray:
     with linear interpolation.
     """
     if not np.issubdtype(values.dtype, np.integer):
+        if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+            raise DataError(
+                f"Label file {path} holds NaN or infinite values; labels must be class indices, so replace them "
+                "with 0 (background) or the right class."
+            )
         rounded = np.rint(values)
         if not np.allclose(rounded, values, atol=1e-3):
             raise DataError(
@@ -108,26 +171,74 @@ def read_volume(path: str | Path, label: bool = False) -> tuple[np.ndarray, Spac
     Raises:
         DataError: The file is missing, unreadable, not 3D, or has another suffix.
     """
-    path = Path(path)
-    suffix = volume_suffix(path)
-    if suffix is None:
-        raise DataError(
-            f"Volume {path} has an unsupported file type; convert it to one of {', '.join(VOLUME_SUFFIXES)}."
-        )
-    if not path.is_file():
-        raise DataError(f"Volume {path} does not exist; restore it or remove the case from the data set.")
+    array, geometry = read_volume_with_geometry(path, label=label)
+    return array, geometry.spacing
+
+
+def read_volume_with_geometry(path: str | Path, label: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
+    """Read a volume as :func:`read_volume` does, with its origin and direction too.
+
+    Args:
+        path: The volume file (any of ``VOLUME_SUFFIXES``).
+        label: Whether the file is a label map (see :func:`read_volume`).
+
+    Returns:
+        ``(array, geometry)``: the ``(D, H, W)`` voxels and where they lie.
+
+    Raises:
+        DataError: The file is missing, unreadable, not 3D, or has another suffix.
+    """
+    path = _existing_volume(path)
     try:
-        if suffix in _NIFTI_SUFFIXES:
-            array, spacing = _read_nifti(path, label)
+        if volume_suffix(path) in _NIFTI_SUFFIXES:
+            array, geometry = _read_nifti(path, label)
         else:
-            array, spacing = _read_itk(path, label)
+            array, geometry = _read_itk(path, label)
     except DataError:
         raise
     except Exception as error:  # nibabel and ITK raise many unrelated types for broken files
         raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
     array = _squeeze_to_3d(array, path)
     array = _as_label(array, path) if label else array.astype(np.float32, copy=False)
-    return np.ascontiguousarray(array), spacing
+    return np.ascontiguousarray(array), VolumeGeometry(tuple(array.shape), *geometry)
+
+
+def read_volume_geometry(path: str | Path) -> VolumeGeometry:
+    """The shape, spacing, origin and direction of a volume file, read from its header without
+    decoding voxels.
+
+    Args:
+        path: The volume file (any of ``VOLUME_SUFFIXES``).
+
+    Returns:
+        The geometry; ``shape`` as :func:`read_volume` would return the array (trailing
+        singleton axes dropped).
+
+    Raises:
+        DataError: The file is missing, unreadable, or has another suffix.
+    """
+    path = _existing_volume(path)
+    try:
+        if volume_suffix(path) in _NIFTI_SUFFIXES:
+            import nibabel as nib
+
+            image = nib.load(str(path))
+            shape = tuple(int(side) for side in image.shape)
+            shape = (*shape[:3][::-1], *shape[3:])
+            placement = _nifti_placement(image)
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shape = tuple(int(side) for side in reader.GetSize()[::-1])
+            placement = _itk_placement(reader)
+    except Exception as error:  # as in read_volume: broken headers raise many types
+        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return VolumeGeometry(shape, *placement)
 
 
 def read_volume_shape(path: str | Path) -> tuple[int, ...]:
@@ -139,45 +250,69 @@ def read_volume_shape(path: str | Path) -> tuple[int, ...]:
     Returns:
         The shape as :func:`read_volume` would return it (trailing singleton axes dropped).
     """
+    return read_volume_geometry(path).shape
+
+
+def _existing_volume(path: str | Path) -> Path:
+    """``path`` as a :class:`Path` once it is known to be a volume file that exists."""
     path = Path(path)
-    suffix = volume_suffix(path)
-    if suffix is None or not path.is_file():
-        return read_volume(path).shape  # raises the matching DataError
-    try:
-        if suffix in _NIFTI_SUFFIXES:
-            import nibabel as nib
-
-            shape = tuple(int(side) for side in nib.load(str(path)).shape)
-            shape = (*shape[:3][::-1], *shape[3:])
-        else:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            shape = tuple(int(side) for side in reader.GetSize()[::-1])
-    except Exception as error:  # as in read_volume: broken headers raise many types
-        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
+    if volume_suffix(path) is None:
+        raise DataError(
+            f"Volume {path} has an unsupported file type; convert it to one of {', '.join(VOLUME_SUFFIXES)}."
+        )
+    if not path.is_file():
+        raise DataError(f"Volume {path} does not exist; restore it or remove the case from the data set.")
+    return path
 
 
-def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, Spacing]:
+# (spacing (z, y, x), origin (x, y, z) LPS or None, direction row-major LPS or None)
+_Placement = tuple[Spacing, Optional[tuple[float, float, float]], Optional[tuple[float, ...]]]
+
+
+def _nifti_placement(image: Any) -> _Placement:
+    """Spacing from the NIfTI zooms; origin and direction from its affine, turned from RAS to LPS."""
+    zooms = tuple(float(zoom) for zoom in image.header.get_zooms()[:3])
+    if len(zooms) < 3:
+        raise DataError(f"Volume {image.get_filename()} has fewer than three axes; save it as a 3D volume.")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        return (zooms[2], zooms[1], zooms[0]), None, None
+    linear = _RAS_TO_LPS @ affine[:3, :3]
+    lengths = np.linalg.norm(linear, axis=0)
+    direction = linear / np.where(lengths > 0, lengths, 1.0)
+    origin = _RAS_TO_LPS @ affine[:3, 3]
+    return (
+        (zooms[2], zooms[1], zooms[0]),
+        tuple(float(value) for value in origin),
+        tuple(float(value) for value in direction.ravel()),
+    )
+
+
+def _itk_placement(image: Any) -> _Placement:
+    """Spacing, origin and direction of an ITK image or of a reader that read the header."""
+    spacing = tuple(float(value) for value in image.GetSpacing())  # (x, y, z)
+    if len(spacing) != 3:
+        padded = (*spacing, 1.0, 1.0, 1.0)[:3]
+        return (padded[2], padded[1], padded[0]), None, None
+    origin = tuple(float(value) for value in image.GetOrigin())
+    direction = tuple(float(value) for value in image.GetDirection())
+    return (spacing[2], spacing[1], spacing[0]), origin, direction
+
+
+def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, _Placement]:
     import nibabel as nib
 
     image = nib.load(str(path))
     # dataobj keeps the stored integer type for labels; get_fdata would scale to float64.
     array = np.asanyarray(image.dataobj) if label else image.get_fdata(dtype=np.float32)
-    zooms = tuple(float(zoom) for zoom in image.header.get_zooms()[:3])
-    if array.ndim < 3 or len(zooms) < 3:
+    if array.ndim < 3 or len(image.header.get_zooms()) < 3:
         raise DataError(f"Volume {path} has shape {array.shape}, not three axes; save it as a 3D volume.")
     # nibabel indexes (x, y, z, ...); move the spatial axes to (z, y, x) and keep the rest behind.
     array = np.moveaxis(array, (0, 1, 2), (2, 1, 0))
-    return array, (zooms[2], zooms[1], zooms[0])
+    return array, _nifti_placement(image)
 
 
-def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, Spacing]:
+def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, _Placement]:
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(path))
@@ -187,8 +322,7 @@ def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, Spacing]:
             "component(s) per voxel; save it as a 3D volume with one value per voxel."
         )
     array = sitk.GetArrayFromImage(image)  # already (z, y, x)
-    spacing = tuple(float(value) for value in image.GetSpacing())  # (x, y, z)
-    return array, (spacing[2], spacing[1], spacing[0])
+    return array, _itk_placement(image)
 
 
 def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] | None = None) -> Path:

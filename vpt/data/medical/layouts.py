@@ -40,12 +40,15 @@ from typing import Any
 import numpy as np
 
 from vpt.data.classification import IMAGE_EXTENSIONS, read_rgb
+from vpt.data.loading import warn_once
 from vpt.data.medical.io import (
+    VolumeGeometry,
+    check_finite,
     read_h5_volume,
     read_mask_2d,
     read_npz_slice,
-    read_volume,
-    read_volume_shape,
+    read_volume_geometry,
+    read_volume_with_geometry,
     volume_suffix,
 )
 from vpt.errors import DataError
@@ -59,6 +62,7 @@ __all__ = [
     "detect_layout",
     "find_cases",
     "class_names_from_dataset_json",
+    "check_geometry",
     "load_case",
 ]
 
@@ -83,6 +87,12 @@ _README = "data/README.md"
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _SYNAPSE_SLICE = re.compile(r"^(?P<case>.+)_slice(?P<number>\d+)\.npz$")
 _MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+# Image and label spacings may differ by float rounding in their headers, not by more.
+_SPACING_RTOL = 1e-3
+# Origins may differ by a rounding error of a small share of a voxel, directions by as little.
+_ORIGIN_VOXEL_SHARE = 1e-2
+_DIRECTION_ATOL = 1e-3
 
 # How a case is stored; load_case reads each kind its own way.
 CASE_KINDS = ("volume", "synapse_slices", "synapse_volume", "image2d")
@@ -437,6 +447,53 @@ def _shape_mismatch(case: Case, image_shape: tuple[int, ...], label_shape: tuple
     )
 
 
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(float(value), 4) for value in values)
+
+
+def check_geometry(case: Case, image: VolumeGeometry, label: VolumeGeometry) -> None:
+    """Check that a case's label lies on its image's voxel grid.
+
+    Shape and spacing must agree (spacing to 0.1 %), since image and label are paired voxel by
+    voxel and distances (HD95) use the spacing. Origin and direction differences only warn,
+    as nnU-Net does: headers written by different tools often disagree there while the
+    voxels still match.
+
+    Args:
+        case: The case, for the messages.
+        image: The image's geometry.
+        label: The label's geometry.
+
+    Raises:
+        DataError: Shapes or spacings differ.
+    """
+    if image.shape != label.shape:
+        raise _shape_mismatch(case, image.shape, label.shape)
+    if not np.allclose(label.spacing, image.spacing, rtol=_SPACING_RTOL, atol=1e-6):
+        raise DataError(
+            f"Case {case.case_id}: image {case.image} has voxel spacing {_rounded(image.spacing)} mm but label "
+            f"{case.label} has {_rounded(label.spacing)} mm (z, y, x); resample the label onto the image grid "
+            "(nearest neighbour) or correct the spacing in the label's header."
+        )
+    if image.origin is not None and label.origin is not None:
+        tolerance = _ORIGIN_VOXEL_SHARE * min(image.spacing)
+        if not np.allclose(label.origin, image.origin, rtol=1e-5, atol=tolerance):
+            warn_once(
+                _logger,
+                "Case %s: image %s has origin %s mm but label %s has %s mm (x, y, z); they are paired voxel by "
+                "voxel, so check that the label is not shifted or resample it onto the image grid.",
+                case.case_id, case.image, _rounded(image.origin), case.label, _rounded(label.origin),
+            )
+    if image.direction is not None and label.direction is not None:
+        if not np.allclose(label.direction, image.direction, atol=_DIRECTION_ATOL):
+            warn_once(
+                _logger,
+                "Case %s: image %s and label %s have different direction matrices %s and %s; they are paired "
+                "voxel by voxel, so check that the label is not flipped or resample it onto the image grid.",
+                case.case_id, case.image, case.label, _rounded(image.direction), _rounded(label.direction),
+            )
+
+
 def load_case(case: Case, label_only: bool = False) -> CaseArrays:
     """Read the image and label of one case.
 
@@ -448,27 +505,33 @@ def load_case(case: Case, label_only: bool = False) -> CaseArrays:
         The case's arrays, ``(D, H, W)`` each (a 2D image is one slice, ``D = 1``).
 
     Raises:
-        DataError: Unreadable files, or image and label of different shapes.
+        DataError: Unreadable files, image and label of different shapes or spacings, or an
+            image with NaN or infinite values.
     """
     if case.kind == "volume":
-        label = spacing = None
+        label = label_geometry = None
         if case.label is not None:
-            label, spacing = read_volume(case.label, label=True)
+            label, label_geometry = read_volume_with_geometry(case.label, label=True)
         image = None
         if not label_only or case.label is None:
-            image, spacing = read_volume(case.image)
-            image_shape = image.shape
+            image, image_geometry = read_volume_with_geometry(case.image)
+            check_finite(image, case.image, case.case_id)
         else:
-            image_shape = read_volume_shape(case.image)  # header only: the mismatch shows without decoding
-        if label is not None and image_shape != label.shape:
-            raise _shape_mismatch(case, image_shape, label.shape)
+            image_geometry = read_volume_geometry(case.image)  # header only: mismatches show without decoding
+        if label_geometry is not None:
+            check_geometry(case, image_geometry, label_geometry)
         depth = (label if label is not None else image).shape[0]
-        return CaseArrays(image, label, spacing, np.arange(depth, dtype=np.int64))
+        return CaseArrays(image, label, image_geometry.spacing, np.arange(depth, dtype=np.int64))
     if case.kind == "synapse_volume":
         image, label = read_h5_volume(case.image, label_only=label_only)
+        if image is not None:
+            check_finite(image, case.image, case.case_id)
         return CaseArrays(image, label, None, np.arange(label.shape[0], dtype=np.int64))
     if case.kind == "synapse_slices":
         pairs = [read_npz_slice(path, label_only=label_only) for path in case.slice_files]
+        for path, (image_slice, _) in zip(case.slice_files, pairs):
+            if image_slice is not None:
+                check_finite(image_slice, path, case.case_id)
         shapes = {label.shape for _, label in pairs}
         if len(shapes) > 1:
             raise DataError(
