@@ -16,10 +16,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vpt.atomic import atomic_path, atomic_write_text
 from vpt.errors import ConfigError
 
 __all__ = [
-    "check_run_dir_is_free",
+    "check_folder_writable",
+    "check_run_dir",
     "write_json",
     "plot_curves",
     "save_classification_preview",
@@ -31,13 +33,49 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
-def check_run_dir_is_free(run_dir: Path) -> None:
-    """Refuse a run folder that already holds finished results."""
+def check_folder_writable(folder: Path, what: str = "hydra.run.dir") -> None:
+    """Refuse a folder that cannot be created or written, before anything is written.
+
+    Raises:
+        ConfigError: the folder (or the nearest part of its path that exists) is a file, or
+            not writable by this process.
+    """
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"Cannot create the output folder {folder}: {existing} is a file, not a folder; choose another {what}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write the output folder {folder}: {existing} is read-only for this user; choose a writable {what}.")
+
+
+def check_run_dir(run_dir: Path, resuming: bool = False) -> None:
+    """Refuse a run folder that would lose results, before anything is written.
+
+    Args:
+        run_dir: The run folder.
+        resuming: Whether the run resumes a checkpoint (``ckpt_path``); then an unfinished
+            run's folder may be continued.
+
+    Raises:
+        ConfigError: the folder holds finished results (``metrics.json``), holds an
+            unfinished run and this run does not resume, or cannot be written.
+    """
+    run_dir = Path(run_dir)
     if (run_dir / "metrics.json").exists():
         raise ConfigError(
             f"Run folder {run_dir} already holds results (metrics.json); choose another hydra.run.dir "
-            "(to resume a run, start a new folder with ckpt_path=<old run>/checkpoints/last.ckpt)."
+            "(to continue training, start a new folder with ckpt_path=<old run>/checkpoints/last.ckpt)."
         )
+    if not resuming and ((run_dir / "checkpoints" / "last.ckpt").exists() or (run_dir / "metrics.csv").exists()):
+        raise ConfigError(
+            f"Run folder {run_dir} holds an unfinished run; resume it with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} "
+            "or choose another hydra.run.dir."
+        )
+    check_folder_writable(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"Run folder {run_dir} is read-only for this user; choose a writable hydra.run.dir.")
 
 
 def _plain(value: Any) -> Any:
@@ -57,11 +95,7 @@ def write_json(path: Path, data: Mapping[str, Any], overwrite: bool = False) -> 
     path = Path(path)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} already exists; vpt does not overwrite results, choose another output folder.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_plain(dict(data)), indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_plain(dict(data)), indent=2, allow_nan=True) + "\n")
 
 
 def _read_csv_log(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
@@ -107,7 +141,8 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> Optional[Path]:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return out_png
 
@@ -150,7 +185,8 @@ def save_classification_preview(
         true, pred = class_names[labels[index]], class_names[predictions[index]]
         axis.set_title(f"{true}\n-> {pred}", fontsize=7, color="black" if true == pred else "red")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return out_png
 
@@ -181,7 +217,8 @@ def save_with_organ_legend(fig: Any, class_names: Sequence[str], out_png: Path) 
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out_png
 

@@ -22,11 +22,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
+from vpt.cli.console import quiet_console
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
 from vpt.methods import load_trained_weights
 from vpt.methods.trained_weights import read_trained_metadata
 from vpt.runs import write_json
+from vpt.training import check_accelerator
 from vpt.tasks import build_task
 
 __all__ = ["evaluate", "main"]
@@ -54,6 +56,17 @@ def _config_and_weights(run_dir: Optional[str], weights: Optional[str]) -> tuple
     raise ConfigError("Nothing to evaluate; pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
 
 
+def _warn_if_classes_differ(trained: Any, evaluated: Any, weights_path: Path) -> None:
+    """The evaluation data's class names should be the ones the weights were trained on."""
+    if trained is None or evaluated is None or list(trained) == list(evaluated):
+        return
+    _logger.warning(
+        "The evaluation data's classes %s differ from the classes %s was trained on %s; scores compare "
+        "class indices, so check task.data (or the data set's dataset.json).",
+        list(evaluated), weights_path, list(trained),
+    )
+
+
 def evaluate(
     run_dir: Optional[str] = None,
     weights: Optional[str] = None,
@@ -79,10 +92,12 @@ def evaluate(
     if (out_dir / "metrics.json").exists():
         raise ConfigError(f"{out_dir / 'metrics.json'} already exists; pass another output=<folder>.")
 
-    L.seed_everything(cfg.get("seed", 0))
-    parts = build_task(cfg)
-    load_trained_weights(parts.model, weights_path)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_accelerator({"accelerator": trainer_cfg.get("accelerator", "auto")})
+    L.seed_everything(cfg.get("seed", 0), verbose=False)
+    parts = build_task(cfg)
+    trained = load_trained_weights(parts.model, weights_path)
+    _warn_if_classes_differ(trained.get("class_names"), parts.metadata.get("class_names"), weights_path)
     trainer = L.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"),
         devices=1,
@@ -126,6 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             own[key] = value
         else:
             overrides.append(arg)
+    quiet_console()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     return evaluate(own["run_dir"], own["weights"], own["split"] or "test", own["output"], overrides)
 

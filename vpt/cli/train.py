@@ -1,34 +1,40 @@
 """Train: ``vpt-train model=... method=... task=... trainer=... [experiment=...]``.
 
-CLI -> Hydra config -> task builder (backbone, method, data) -> Lightning Trainer -> run
-folder with the resolved config, checkpoints, prompt-only weights, CSV log, metrics.json and
-pictures.
+CLI -> Hydra config -> checks (run folder, accelerator, resume checkpoint) -> task builder
+(backbone, method, data) -> Lightning Trainer -> run folder with the resolved config,
+checkpoints, trained weights, CSV log, metrics.json and pictures.
+
+Nothing is written before the checks pass, so a refused run leaves a run folder exactly
+as it was (Hydra's own ``.hydra/`` record included: vpt writes it after the checks).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
+from vpt.atomic import atomic_write_text
+from vpt.cli.console import quiet_console
 from vpt.cli.errors import exit_on_user_error
+from vpt.errors import ConfigError
 from vpt.methods import parameter_groups, parameter_table, save_trained_weights
-from vpt.runs import check_run_dir_is_free, plot_curves, write_json
+from vpt.runs import check_run_dir, plot_curves, write_json
 from vpt.tasks import build_task
+from vpt.training import TRAINER_ARGUMENTS, build_trainer, check_accelerator, check_resume_fits, load_checkpoint_file
 
-__all__ = ["train", "main"]
+__all__ = ["train", "main", "trainer_overrides"]
 
 register_resolvers()
 
@@ -43,6 +49,46 @@ def _run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.get("run_dir") or "outputs/run")
 
 
+def _write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's ``.hydra/{config,hydra,overrides}.yaml``, written only once the run is allowed
+    (``hydra.output_subdir`` is null in ``train.yaml`` so Hydra does not write them first)."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    record = run_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})))
+    atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+
+
+def _prepare_resume(cfg: DictConfig) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """Read and check ``cfg.ckpt_path`` (if any) before anything is built or written."""
+    if not cfg.get("ckpt_path"):
+        return None, None
+    path = str(Path(str(cfg.ckpt_path)).expanduser()) if "://" not in str(cfg.ckpt_path) else str(cfg.ckpt_path)
+    checkpoint = load_checkpoint_file(path)
+    check_resume_fits(checkpoint, OmegaConf.to_container(cfg, resolve=True), path)  # type: ignore[arg-type]
+    return checkpoint, path
+
+
+def _organ_table(per_organ: Any, unit: Optional[str]) -> str:
+    """A plain per-organ table (Dice, HD95, NSD) for the end of a segmentation run."""
+    if not isinstance(per_organ, dict) or not per_organ:
+        return ""
+    columns = [("dice", "Dice"), ("hd95", f"HD95 ({unit or '?'})"), ("nsd", "NSD")]
+    present = [(k, title) for k, title in columns if any(isinstance(v, dict) and k in v for v in per_organ.values())]
+    width = max(len(str(name)) for name in per_organ) + 2
+    lines = ["organ".ljust(width) + "".join(title.rjust(12) for _, title in present)]
+    for name, scores in per_organ.items():
+        cells = []
+        for key, _ in present:
+            value = scores.get(key) if isinstance(scores, dict) else None
+            cells.append(("-" if value is None or value != value else f"{value:.4f}").rjust(12))
+        lines.append(str(name).ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     """Train, test and write the run folder.
 
@@ -52,41 +98,61 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
 
     Returns:
         The final metrics (also in ``run_dir/metrics.json``).
+
+    Raises:
+        VptError: a refused run folder, a GPU trainer without a GPU, a resume checkpoint
+            that is missing, unreadable or from another model/method/task (nothing written).
     """
     run_dir = Path(run_dir or _run_dir(cfg))
-    check_run_dir_is_free(run_dir)
-    # The CSV log shares the run folder with config.yaml and Hydra's files on purpose.
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_run_dir(run_dir, resuming=bool(cfg.get("ckpt_path")))
+    check_accelerator(trainer_options)  # type: ignore[arg-type]
+    checkpoint, ckpt_path = _prepare_resume(cfg)
+    resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
+
+    # The checks passed: from here on the run folder is ours to write.
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_hydra_record(run_dir, cfg)
+    except OSError as error:
+        raise ConfigError(f"Cannot write the run folder {run_dir} ({error.strerror}); choose a writable hydra.run.dir.") from None
     started = time.time()
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_console()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
+    if resume_step is not None:
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     parts = build_task(cfg)
+    if hasattr(parts.datamodule, "check_cases"):
+        # Every case of every split is read once now, so that a broken test case (NaN
+        # voxels, a label of another size or spacing) stops the run before training.
+        parts.datamodule.prepare_data()
+        parts.datamodule.setup("fit")
+        parts.datamodule.check_cases()
     counts = parameter_groups(parts.model)
-    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
+    trainer, best_checkpoint = build_trainer(
+        trainer_options,  # type: ignore[arg-type]
+        run_dir,
         monitor=cfg.monitor,
-        mode=cfg.monitor_mode,
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
-    trainer = L.Trainer(
-        **trainer_options,
-        default_root_dir=str(run_dir),
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        monitor_mode=cfg.monitor_mode,
+        logger_config=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None,  # type: ignore[arg-type]
+        callback_config=OmegaConf.to_container(cfg.callbacks, resolve=True) if cfg.get("callbacks") else None,  # type: ignore[arg-type]
+        resume_step=resume_step,
+        preloaded={ckpt_path: checkpoint} if checkpoint is not None and ckpt_path else None,
     )
     if trainer.is_global_zero:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         _logger.info("Run folder: %s", run_dir.resolve())
+        if resume_step is not None:
+            _logger.info("Resuming %s at step %d (epoch %d).", ckpt_path, resume_step, int(checkpoint.get("epoch", 0)) + 1)  # type: ignore[union-attr]
         print(f"\nTrainable parameters ({cfg.method.name} on {cfg.model.name}):\n{parameter_table(parts.model)}\n", flush=True)
 
-    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
-    best = checkpoint.best_model_path or None
-    results = trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=best or None)
+    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+    best = best_checkpoint.best_model_path or None
+    if best and not Path(best).is_file():
+        best = None
+    results = trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=best, verbose=False)
 
     metrics: dict[str, Any] = dict(results[0]) if results else {}
     if not trainer.is_global_zero:
@@ -99,13 +165,14 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     )
     report_extras = parts.module.write_report(run_dir, parts.datamodule, cfg.num_preview_images)
     plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
-    best_score = checkpoint.best_model_score
+    best_score = best_checkpoint.best_model_score
     metrics.update(report_extras)
     metrics.update(
         {
             f"best/{cfg.monitor}": float(best_score) if best_score is not None else None,
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
+            "resumed_from": {"checkpoint": ckpt_path, "step": resume_step} if ckpt_path else None,
             "trainable_params": counts["total"][0],
             "total_params": counts["total"][1],
             "trained_weights": TRAINED_WEIGHTS,
@@ -115,6 +182,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     )
     write_json(run_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float))
+    table = _organ_table(metrics.get("test/per_organ"), metrics.get("test/hd95_unit"))
+    print(f"\n{table}\n" if table else "", end="", flush=True)
     print(f"\nFinished: {summary}\nRun folder: {run_dir}", flush=True)
     return metrics
 
@@ -127,8 +196,28 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     return float(value) if value is not None else None
 
 
+def trainer_overrides(argv: Sequence[str]) -> list[str]:
+    """Let ``trainer.X=V`` set any ``lightning.Trainer`` argument, as the README promises.
+
+    The composed config is a Hydra struct, which refuses keys the trainer config does not
+    list (``trainer.num_nodes``, ``trainer.fast_dev_run`` ...) unless written ``+trainer.X``.
+    Arguments naming a real Trainer argument become ``++trainer.X=V`` (add or override);
+    anything else is left for Hydra to judge.
+    """
+    rewritten = []
+    for arg in argv:
+        if arg.startswith("trainer.") and "=" in arg:
+            key = arg.split("=", 1)[0][len("trainer."):]
+            if key in TRAINER_ARGUMENTS:
+                arg = "++" + arg
+        rewritten.append(arg)
+    return rewritten
+
+
 def main() -> None:
     """Console entry point (``vpt-train``)."""
+    sys.argv[1:] = trainer_overrides(sys.argv[1:])
+    quiet_console()
     _hydra_entry()
 
 

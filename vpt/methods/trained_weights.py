@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vpt.atomic import atomic_path
 from vpt.errors import CheckpointError
 
 __all__ = ["trainable_state_dict", "save_trained_weights", "load_trained_weights", "read_trained_metadata"]
@@ -47,7 +48,8 @@ def save_trained_weights(model: nn.Module, path: str | Path, metadata: Optional[
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
     for key, value in (metadata or {}).items():
         header[key] = value if isinstance(value, str) else json.dumps(value)
-    save_file(trainable_state_dict(model), str(path), metadata=header)
+    with atomic_path(path) as tmp:
+        save_file(trainable_state_dict(model), str(tmp), metadata=header)
     return path
 
 

@@ -45,15 +45,28 @@ class TrainableCheckpointMixin:
                 f"This checkpoint was trained on backbone {saved_backbone!r} but the model is {self.backbone_id!r}; "
                 "resume with the same model config."
             )
-        keys = set(checkpoint.get("state_dict", {}))
+        state = checkpoint.get("state_dict", {})
+        keys = set(state)
         missing = sorted(self._trainable_keys() - keys)
         extra = sorted(keys - self._trainable_keys())
-        if missing or extra:
+        own = dict(self.named_parameters())  # type: ignore[attr-defined]
+        mis_shaped = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if missing or extra or mis_shaped:
             problems = [f"lacks {missing[:5]}"] if missing else []
             problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
+            problems += [f"holds tensors of other shapes {mis_shaped[:3]}"] if mis_shaped else []
             raise CheckpointError(
                 f"The checkpoint {' and '.join(problems)}; resume with the method and task it was trained with."
             )
+        # The schedule's length follows this run's trainer.max_epochs, not the checkpoint's:
+        # LambdaLR would otherwise restore the old WarmupCosine (its total_steps) and the
+        # added epochs would train at learning rate 0.
+        for scheduler_state in checkpoint.get("lr_schedulers", []) or []:
+            if isinstance(scheduler_state, dict) and "lr_lambdas" in scheduler_state:
+                scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
 
 
 def init_task(
@@ -104,6 +117,15 @@ class OptimizationMixin:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resumed run restores the optimiser's learning rate as the checkpoint's schedule
+        # left it; set it from this run's schedule at the restored step (a no-op for a new run).
+        for config in self.trainer.lr_scheduler_configs:  # type: ignore[attr-defined]
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:

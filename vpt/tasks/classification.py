@@ -131,7 +131,7 @@ def _backbone_id(model_cfg: Any) -> str:
 @register_task("classification")
 def build_classification(cfg: DictConfig) -> TaskParts:
     """Backbone -> method -> data -> :class:`ClassificationTask` from the resolved config."""
-    from hydra.utils import instantiate
+    from vpt.data.registry import build_datamodule
 
     from vpt.backbones import create_vit, vit_data_config
     from vpt.methods import build_method
@@ -149,12 +149,11 @@ def build_classification(cfg: DictConfig) -> TaskParts:
         **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
     )
     data_config = vit_data_config(vit)
-    datamodule = instantiate(
-        cfg.task.data,
+    datamodule = build_datamodule(
+        OmegaConf.to_container(cfg.task.data, resolve=True),
         image_size=tuple(data_config["input_size"][-2:]),
         mean=tuple(data_config["mean"]),
         std=tuple(data_config["std"]),
-        _convert_="all",
     )
     num_classes, class_names = datamodule.num_classes, datamodule.class_names
     method_options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}

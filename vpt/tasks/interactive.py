@@ -67,7 +67,7 @@ from torchmetrics import MeanMetric
 
 from vpt.errors import ConfigError, DataError
 from vpt.heads import decode_masks
-from vpt.metrics.segmentation import summarize_volume_scores, volume_scores
+from vpt.metrics.segmentation import DEFAULT_NSD_TOLERANCE, metric_definitions, summarize_volume_scores, volume_scores
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
@@ -436,6 +436,7 @@ def score_volume_prompts(
     predictions: torch.Tensor,
     label: torch.Tensor,
     spacing: Optional[Sequence[float]] = None,
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
 ) -> tuple[dict[int, list[float]], dict[int, dict[str, float]]]:
     """2D Dice of each prompt and 3D scores of each organ for one test volume.
 
@@ -445,6 +446,7 @@ def score_volume_prompts(
         predictions: (P, H0, W0) bool, the mask of each prompt.
         label: (D, H0, W0) the volume's class indices.
         spacing: (z, y, x) voxel size for HD95, or None for voxels.
+        nsd_tolerance: Normalised Surface Dice tolerance (mm, or voxels without spacing).
 
     Returns:
         ``{organ: [2D Dice of each of its prompts]}`` and ``{organ: volume_scores' entry}``
@@ -465,7 +467,11 @@ def score_volume_prompts(
         predicted = torch.zeros(last - first + 1, *label.shape[-2:], dtype=torch.uint8)
         predicted[slices - first] = predictions[rows].cpu().to(torch.uint8)
         truth = (label[first : last + 1] == organ).to(torch.uint8)
-        per_organ[organ] = volume_scores(predicted.numpy(), truth.numpy(), 2, spacing=spacing)[1]
+        # volume_shape: a missed organ's HD95 penalty is the whole volume's diagonal, not the slab's.
+        per_organ[organ] = volume_scores(
+            predicted.numpy(), truth.numpy(), 2, spacing=spacing, nsd_tolerance=nsd_tolerance,
+            volume_shape=tuple(label.shape[-3:]),
+        )[1]
     return per_prompt, per_organ
 
 
@@ -487,6 +493,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
         ce_weight: Weight of binary cross-entropy in the loss.
         dice_weight: Weight of soft Dice in the loss.
         eval_batch_size: Slices per encoder pass when predicting a test volume.
+        nsd_tolerance: Normalised Surface Dice tolerance (mm, or voxels without spacing).
         seed: Seeds the choice of training prompts (with the step).
         backbone_id: Names the frozen encoder; checkpoints of another are refused.
         hparams: The resolved config as plain containers.
@@ -504,6 +511,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
         ce_weight: float = 0.5,
         dice_weight: float = 0.5,
         eval_batch_size: int = 16,
+        nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
         seed: int = 0,
         backbone_id: str = "",
         hparams: Optional[dict[str, Any]] = None,
@@ -528,6 +536,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.eval_batch_size = eval_batch_size
+        self.nsd_tolerance = float(nsd_tolerance)
         self.seed = int(seed)
         self.backbone_id = backbone_id
         self.train_dice = MeanMetric()
@@ -654,7 +663,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
         if spacing_values is None:
             self.spacing_known = False
         prompts, masks = self.predict_with_ground_truth_prompts(slices, label)
-        per_prompt, per_organ = score_volume_prompts(prompts, masks, label, spacing_values)
+        per_prompt, per_organ = score_volume_prompts(prompts, masks, label, spacing_values, self.nsd_tolerance)
         for organ, values in per_prompt.items():
             self.prompt_dice.setdefault(organ, []).extend(values)
         self.case_scores[str(case)] = per_organ
@@ -673,6 +682,9 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
                 "prompts": len(values),
                 "dice_3d": volume.get("dice", float("nan")),
                 "hd95": volume.get("hd95", float("nan")),
+                "hd95_penalised": volume.get("hd95_penalised", float("nan")),
+                "nsd": volume.get("nsd", float("nan")),
+                "missed": volume.get("missed", 0),
                 "cases": volume.get("cases", 0),
                 "missed_slices": int(sum(value == 0.0 for value in values)),
             }
@@ -682,12 +694,20 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
                 "dice": dice,
                 "dice_3d": volume_summary["dice"],
                 "hd95": volume_summary["hd95"],
+                "hd95_penalised": volume_summary["hd95_penalised"],
+                "nsd": volume_summary["nsd"],
                 "hd95_unit": unit,
                 "organs": organs,
             },
             "cases": self.case_scores,
         }
-        logged = {"test/dice": dice, "test/dice_3d": volume_summary["dice"], "test/hd95": volume_summary["hd95"]}
+        logged = {
+            "test/dice": dice,
+            "test/dice_3d": volume_summary["dice"],
+            "test/hd95": volume_summary["hd95"],
+            "test/hd95_penalised": volume_summary["hd95_penalised"],
+            "test/nsd": volume_summary["nsd"],
+        }
         for key, value in logged.items():
             if not math.isnan(value):
                 self.log(key, float(value), batch_size=1)
@@ -699,6 +719,8 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
         extras: dict[str, Any] = {
             "test/prompt": f"{self.prompt} from the ground truth of every slice holding the organ (upper bound)",
             "test/hd95_unit": summary.get("hd95_unit"),
+            "test/nsd_tolerance": self.nsd_tolerance,
+            "test/metric_definitions": metric_definitions(self.nsd_tolerance, summary.get("hd95_unit") or "mm"),
             "test/per_organ": summary.get("organs"),
             "test/cases": {
                 case: {self.class_names[k]: v for k, v in scores.items()}
@@ -789,7 +811,7 @@ def _build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, di
 @register_task("interactive_segmentation")
 def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     """SAM encoder -> VPT prompts -> SAM prompt encoder + mask decoder -> volume data -> task."""
-    from hydra.utils import instantiate
+    from vpt.data.registry import build_datamodule
 
     task_cfg = cfg.task
     family = cfg.model.get("family", "timm")
@@ -804,7 +826,7 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     check_data_folder(task_cfg)
     class_names = list(task_cfg.class_names)
     model, data = _build_interactive_sam(cfg)
-    datamodule = instantiate(task_cfg.data, num_classes=len(class_names), _convert_="all", **data)
+    datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=len(class_names), **data)
     cap = task_cfg.get("max_prompts_per_slice", 4)
     module = InteractiveSegmentationTask(
         model,
@@ -817,6 +839,7 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
         ce_weight=float(task_cfg.loss.ce_weight),
         dice_weight=float(task_cfg.loss.dice_weight),
         eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
+        nsd_tolerance=float(task_cfg.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
         seed=int(cfg.get("seed", 0)),
         backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
         hparams=OmegaConf.to_container(cfg, resolve=True),

@@ -33,7 +33,13 @@ from torch import nn
 
 from vpt.errors import ConfigError, DataError
 from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
-from vpt.metrics.segmentation import SliceDice, summarize_volume_scores, volume_scores
+from vpt.metrics.segmentation import (
+    DEFAULT_NSD_TOLERANCE,
+    SliceDice,
+    metric_definitions,
+    summarize_volume_scores,
+    volume_scores,
+)
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
 
@@ -109,6 +115,7 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         ce_weight: Weight of cross-entropy in the loss.
         dice_weight: Weight of soft Dice in the loss.
         eval_batch_size: Slices per forward pass when predicting a test volume.
+        nsd_tolerance: Tolerance of the Normalised Surface Dice, mm (voxels without spacing).
         backbone_id: Names the frozen encoder; checkpoints of another are refused.
         hparams: The resolved config as plain containers.
     """
@@ -123,6 +130,7 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         ce_weight: float = 0.5,
         dice_weight: float = 0.5,
         eval_batch_size: int = 16,
+        nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
         backbone_id: str = "",
         hparams: Optional[dict[str, Any]] = None,
     ) -> None:
@@ -131,6 +139,7 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.eval_batch_size = eval_batch_size
+        self.nsd_tolerance = float(nsd_tolerance)
         self.train_dice = SliceDice(num_classes)
         self.val_dice = SliceDice(num_classes)
         self.case_scores: dict[str, dict[int, dict[str, float]]] = {}
@@ -216,7 +225,8 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
             self.spacing_known = False
         prediction = self.predict_volume(slices, tuple(label.shape[-2:]))
         self.case_scores[str(case)] = volume_scores(
-            prediction.numpy(), label.cpu().numpy(), self.num_classes, spacing=spacing_values
+            prediction.numpy(), label.cpu().numpy(), self.num_classes, spacing=spacing_values,
+            nsd_tolerance=self.nsd_tolerance,
         )
 
     def on_test_epoch_end(self) -> None:
@@ -224,11 +234,10 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         # With spacing missing for some cases, HD95 mixes units; report voxels then (said in the unit).
         summary = summarize_volume_scores(self.case_scores, self.class_names, unit=unit)
         self.report = {"summary": summary, "cases": self.case_scores}
-        if summary.get("dice") is not None and not (isinstance(summary["dice"], float) and math.isnan(summary["dice"])):
-            self.log("test/dice", float(summary["dice"]), batch_size=1)
-        hd95 = summary.get("hd95")
-        if hd95 is not None and not (isinstance(hd95, float) and math.isnan(hd95)):
-            self.log("test/hd95", float(hd95), batch_size=1)
+        for key in ("dice", "hd95", "hd95_penalised", "nsd"):
+            value = summary.get(key)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.log(f"test/{key}", float(value), batch_size=1)
 
     @torch.no_grad()
     def write_report(self, run_dir: Path, datamodule: L.LightningDataModule, num_pictures: int) -> dict[str, Any]:
@@ -238,6 +247,8 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         summary = self.report.get("summary", {})
         extras: dict[str, Any] = {
             "test/hd95_unit": summary.get("hd95_unit"),
+            "test/nsd_tolerance": self.nsd_tolerance,
+            "test/metric_definitions": metric_definitions(self.nsd_tolerance, summary.get("hd95_unit") or "mm"),
             "test/per_organ": summary.get("organs"),
             "test/cases": {case: {str(k): v for k, v in scores.items()} for case, scores in self.report.get("cases", {}).items()},
         }
@@ -345,7 +356,7 @@ def _build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, 
 @register_task("segmentation")
 def build_segmentation(cfg: DictConfig) -> TaskParts:
     """Encoder (SAM or timm ViT) -> prompts -> decoder -> volume data -> :class:`SegmentationTask`."""
-    from hydra.utils import instantiate
+    from vpt.data.registry import build_datamodule
 
     task_cfg = cfg.task
     check_data_folder(task_cfg)
@@ -358,7 +369,7 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
         model, data = _build_vit_segmenter(cfg, num_classes)
     else:
         raise ConfigError(f"Unknown model.family {family!r}; use a model config from configs/model/.")
-    datamodule = instantiate(task_cfg.data, num_classes=num_classes, _convert_="all", **data)
+    datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=num_classes, **data)
     module = SegmentationTask(
         model,
         num_classes=num_classes,
@@ -368,6 +379,7 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
         ce_weight=float(task_cfg.loss.ce_weight),
         dice_weight=float(task_cfg.loss.dice_weight),
         eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
+        nsd_tolerance=float(task_cfg.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
         backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )

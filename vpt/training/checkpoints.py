@@ -1,0 +1,279 @@
+"""Lightning checkpoints that are safe to load, written atomically, and resumable exactly.
+
+- :func:`load_checkpoint_file` is the one place vpt reads a Lightning checkpoint a user
+  hands it (``ckpt_path=``, ``best.ckpt`` for testing): a local file only, read with
+  ``torch.load(weights_only=True)`` passed explicitly (an explicit ``True`` wins over the
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` escape hatch), every failure turned into one sentence.
+- :class:`SafeCheckpointIO` is the Lightning plugin through which the Trainer saves
+  (atomically) and loads (through :func:`load_checkpoint_file`) checkpoints, so Lightning
+  never unpickles a file itself.
+- :class:`LastCheckpoint` rewrites ``last.ckpt`` after every epoch (Lightning's
+  ``save_last`` only does so when the monitored metric improves) and on an interrupt.
+- :class:`RandomState` stores the random generators in every checkpoint and restores them
+  when training resumes, so that a resumed ``deterministic=true`` run draws the same data
+  order, augmentations and prompt dropout as an uninterrupted one.
+- :func:`check_resume_fits` compares a checkpoint's recorded run with the run that wants to
+  resume it, before anything is built or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from typing_extensions import override
+
+from vpt.atomic import atomic_path
+from vpt.errors import CheckpointError
+
+__all__ = [
+    "load_checkpoint_file",
+    "SafeCheckpointIO",
+    "LastCheckpoint",
+    "RandomState",
+    "check_resume_fits",
+    "checkpoint_step",
+]
+
+_logger = logging.getLogger(__name__)
+
+_REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ftp://", "file://")
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a Lightning checkpoint safely.
+
+    Args:
+        path: A local ``.ckpt`` file (URLs are refused: download the file and pass its path).
+        map_location: Passed to ``torch.load``.
+
+    Returns:
+        The checkpoint dictionary.
+
+    Raises:
+        CheckpointError: remote, missing, empty, truncated, not a checkpoint, or holding
+            objects other than tensors and plain values.
+    """
+    text = str(path)
+    if text.lower().startswith(_REMOTE_PREFIXES) or "://" in text:
+        raise CheckpointError(
+            f"ckpt_path={text} is a URL; vpt only resumes from local files it can check, so download it and pass its path."
+        )
+    file = Path(text).expanduser()
+    if not file.exists():
+        raise CheckpointError(f"Checkpoint {file} does not exist; pass ckpt_path=<run folder>/checkpoints/last.ckpt of an earlier run.")
+    if not file.is_file():
+        raise CheckpointError(f"Checkpoint {file} is not a file; pass ckpt_path=<run folder>/checkpoints/last.ckpt.")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {file} is empty (0 bytes), probably from a crash while it was written; resume from another checkpoint (e.g. best.ckpt) or start a new run.")
+    try:
+        # weights_only=True is passed explicitly on purpose: an explicit value is not
+        # overridden by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so no environment turns this
+        # into an unpickler that runs code.
+        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"Checkpoint {file} holds objects other than tensors and plain values ({first[:160]}); vpt refuses to unpickle "
+            "it, so resume only from checkpoints written by vpt."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"Checkpoint {file} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'truncated'}); "
+            "it is truncated or not a checkpoint, so resume from another one (e.g. best.ckpt) or start a new run."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict); pass a checkpoints/last.ckpt written by vpt-train.")
+    return checkpoint
+
+
+def checkpoint_step(checkpoint: Mapping[str, Any]) -> int:
+    """The global step a checkpoint was saved at."""
+    return int(checkpoint.get("global_step", 0) or 0)
+
+
+class SafeCheckpointIO(CheckpointIO):
+    """Lightning's checkpoint I/O with atomic saves and :func:`load_checkpoint_file` loads.
+
+    Args:
+        preloaded: Checkpoints already read (path -> dictionary), so a checkpoint checked
+            before training is not read twice.
+    """
+
+    def __init__(self, preloaded: Optional[dict[str, dict[str, Any]]] = None) -> None:
+        self._preloaded = {str(Path(k).resolve()): v for k, v in (preloaded or {}).items()}
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        key = str(Path(str(path)).resolve()) if "://" not in str(path) else str(path)
+        if key in self._preloaded:
+            return self._preloaded.pop(key)
+        return load_checkpoint_file(path)
+
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        file = Path(str(path))
+        if file.is_file():
+            file.unlink()
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every training epoch (validation included) and on an interrupt.
+
+    A checkpoint written at an epoch's end resumes exactly; one written on an interrupt
+    (Ctrl-C, SIGTERM) resumes at its step, with the rest of that epoch's batches drawn
+    anew. Other exceptions (a bug, a NaN loss) do not overwrite the last good checkpoint.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__(
+            dirpath=str(dirpath),
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        )
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        if self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_checkpoint(trainer, str(Path(self.dirpath) / "last.ckpt"))
+        _logger.info("Interrupted at step %d; saved %s.", trainer.global_step, Path(self.dirpath) / "last.ckpt")
+
+
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+class RandomState(Callback):
+    """Save the random generators with every checkpoint; restore them when training resumes.
+
+    The states are restored as soon as Lightning restores the callbacks, before it builds
+    the training iterator, which is where an uninterrupted run stands at that epoch
+    boundary. Lightning's sanity-check validation draws from the generators too, so it runs
+    between a save and a restore of them. Stored as tensors and plain values, so the
+    checkpoint still loads with ``weights_only=True``.
+    """
+
+    def __init__(self) -> None:
+        self._stash: Optional[dict[str, Any]] = None
+
+    @staticmethod
+    def _capture() -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_state(), "numpy": _numpy_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @staticmethod
+    def _restore(state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        python = state["python"]
+        random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
+        numpy = state["numpy"]
+        np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["cached"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._capture()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._restore(state_dict)
+
+    @override
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._stash = self._capture()
+
+    @override
+    def on_sanity_check_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._stash is not None:
+            self._restore(self._stash)
+            self._stash = None
+
+    @override
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # albumentations keeps its own generator inside each Compose; in the main process
+        # (num_workers=0) it would carry on between epochs and restart from its seed on
+        # resume. Seeding it from (run seed, epoch) makes the augmentations a function of
+        # the epoch, without drawing from the global generators. Workers reseed themselves.
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        transform = getattr(dataset, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_seed"):
+            run_seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+            transform.set_random_seed((run_seed * 1_000_003 + trainer.current_epoch) % 2**32)
+
+
+def _describe(section: Any) -> str:
+    if isinstance(section, Mapping):
+        return " ".join(f"{k}={v}" for k, v in section.items())
+    return str(section)
+
+
+def check_resume_fits(checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint that was trained with another model, method or task.
+
+    The checkpoint's ``hyper_parameters`` hold the resolved config of the run that wrote
+    it; comparing it with this run's config gives a precise sentence before the model is
+    built or anything in the run folder is touched. (The tensor names and shapes are
+    checked again when Lightning loads the state.)
+
+    Args:
+        checkpoint: From :func:`load_checkpoint_file`.
+        cfg: This run's resolved config as plain containers.
+        path: The checkpoint's path, for the message.
+
+    Raises:
+        CheckpointError: the model, the method or its options, or the task differ.
+    """
+    saved = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(saved, Mapping) or "method" not in saved:
+        return  # not written by vpt-train; the state-dict check will speak
+    for section, keys in (("model", ("name", "img_size")), ("task", ("name",))):
+        before, now = saved.get(section) or {}, cfg.get(section) or {}
+        for key in keys:
+            if before.get(key) != now.get(key):
+                raise CheckpointError(
+                    f"Checkpoint {path} was trained with {section}.{key}={before.get(key)} but this run has "
+                    f"{section}.{key}={now.get(key)}; resume with the settings it was trained with."
+                )
+    before_method, now_method = saved.get("method") or {}, cfg.get("method") or {}
+    if dict(before_method) != dict(now_method):
+        raise CheckpointError(
+            f"Checkpoint {path} was trained with method {_describe(before_method)} but this run has "
+            f"method {_describe(now_method)}; resume with the method and options it was trained with."
+        )
