@@ -416,3 +416,27 @@ def test_vit_data_config_uses_the_models_own_size_and_normalisation() -> None:
 
     assert config["input_size"] == (32, 32)
     assert config["mean"] == (0.5, 0.5, 0.5) and config["std"] == (0.5, 0.5, 0.5)
+
+
+def test_unreachable_hub_fails_fast_from_the_cache_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No route to the hub: no retries with back-off, one sentence, huggingface_hub told to stay offline."""
+    import time
+
+    from huggingface_hub import constants
+
+    import vpt.backbones.timm_vit as timm_vit
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(timm_vit, "hub_reachable", lambda timeout=3.0: False)
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="model.checkpoint"):
+        create_vit("vit_tiny_patch16_224.augreg_in21k", pretrained=True)
+    assert constants.HF_HUB_OFFLINE is True
+    assert time.monotonic() - started < 60  # hang guard only: the retries took ~50 s, this ~1 s
+
+
+def test_hub_probe_reports_a_refused_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vpt.backbones.timm_vit as timm_vit
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert timm_vit.hub_reachable(timeout=1.0) is False

@@ -237,6 +237,8 @@ def test_short_run_writes_interactive_metrics(tmp_path: Path, one_thread: None) 
     assert all(entry["prompts"] > 0 for entry in organs.values())
     assert written["test/dice"] == pytest.approx(np.mean([entry["dice"] for entry in organs.values()]))
     assert (run_dir / "test_prompts.png").is_file() and (run_dir / "prompts.safetensors").is_file()
+    assert 0.0 <= written["test/nsd"] <= 1.0 and written["test/hd95_penalised"] >= written["test/hd95"]
+    assert {"dice", "hd95", "hd95_penalised", "nsd"} <= set(written["test/metric_definitions"])
 
 
 def test_timm_models_are_refused() -> None:

@@ -109,6 +109,21 @@ def test_crash_and_resume_into_the_same_folder_gives_identical_results(uninterru
     assert [{k: r.get(k, "") for k in reference_rows[0]} for r in rows] == reference_rows
 
 
+def test_segmentation_crash_and_resume_gives_identical_volume_scores(tmp_path: Path) -> None:
+    args = ["experiment=quickstart", "trainer.max_epochs=2", "trainer.deterministic=true",
+            "trainer.enable_progress_bar=false", "method.dropout=0.1", "num_preview_images=0",
+            f"task.data.root={tmp_path / 'phantoms'}"]
+    reference = train(compose_config(args), run_dir=tmp_path / "reference")
+    run_dir = tmp_path / "crashed"
+    steps_per_epoch = reference["steps"] // 2
+    with pytest.raises(Crash):
+        train(compose_config([*args, f"+callbacks.stop_at.step={steps_per_epoch + 3}"]), run_dir=run_dir)
+    resumed = train(compose_config([*args, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]), run_dir=run_dir)
+    assert resumed["resumed_from"]["step"] == steps_per_epoch
+    for key in ("test/dice", "test/hd95", "test/nsd", "test/per_organ", "best/val/dice", "steps"):
+        assert json.dumps(resumed[key], sort_keys=True) == json.dumps(reference[key], sort_keys=True), key  # NaN-safe
+
+
 def test_interrupt_saves_last_at_the_interrupted_step_and_resume_continues_there(tmp_path: Path) -> None:
     run_dir = tmp_path / "interrupted"
     handler = signal.getsignal(signal.SIGINT)
@@ -403,3 +418,44 @@ def test_checkpoint_loader_refuses_a_non_checkpoint(tmp_path: Path) -> None:
         load_checkpoint_file(other)
     with pytest.raises(CheckpointError, match="not a file"):
         load_checkpoint_file(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation you can defend (classification side; segmentation: test_segmentation_metrics.py)
+
+
+def test_a_class_without_test_images_is_null_not_zero() -> None:
+    from vpt.metrics.classification import class_support, per_class_accuracy, per_class_report
+
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1]), 4).float()  # class 3 never appears
+    labels = torch.tensor([0, 0, 1, 1])
+    recall, support = per_class_accuracy(4), class_support(4)
+    recall.update(logits, labels)
+    support.update(logits, labels)
+    report = per_class_report(recall.compute(), support.compute(), ["a", "b", "c", "d"])
+    assert report == {"a": 0.5, "b": 1.0, "c": None, "d": None}
+
+
+def test_metrics_json_says_how_each_metric_treats_empty_classes(uninterrupted) -> None:
+    run_dir, _ = uninterrupted
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert set(written["test/metric_definitions"]) >= {"acc", "acc_macro", "acc_per_class"}
+    assert "no test images" in written["test/metric_definitions"]["acc_per_class"]
+
+
+def test_evaluation_data_with_other_class_names_warns(uninterrupted, tmp_path: Path, caplog) -> None:
+    run_dir, _ = uninterrupted
+    crafted = tmp_path / "renamed.safetensors"
+    tensors = load_file(str(run_dir / "prompts.safetensors"))
+    with safe_open(str(run_dir / "prompts.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata["class_names"] = json.dumps(["benign", "malignant", "normal", "other"])
+    save_file(tensors, str(crafted), metadata=metadata)
+    with caplog.at_level("WARNING", logger="vpt.evaluate"):
+        evaluate(weights=str(crafted), output=str(tmp_path / "ev"))
+    warned = [r.getMessage() for r in caplog.records if "differ from the classes" in r.getMessage()]
+    assert len(warned) == 1 and "malignant" in warned[0] and "disk" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vpt.evaluate"):
+        evaluate(run_dir=str(run_dir), output=str(tmp_path / "ev2"))
+    assert not [r for r in caplog.records if "differ from the classes" in r.getMessage()]

@@ -43,7 +43,13 @@ def test_vit_segmentation_run_folder_and_dice(vit_run: Path) -> None:
     assert metrics["test/hd95_unit"] == "mm"  # the phantoms carry voxel spacing
     assert set(metrics["test/per_organ"]) == ORGANS
     for organ in metrics["test/per_organ"].values():
-        assert {"dice", "hd95", "cases", "missed", "false_positive"} <= set(organ)
+        assert {"dice", "hd95", "hd95_penalised", "nsd", "cases", "missed", "false_positive"} <= set(organ)
+    # The defensible scores beside MONAI's, and every metric's empty-case rule in the file itself.
+    assert 0.0 <= metrics["test/nsd"] <= 1.0 and metrics["test/nsd_tolerance"] == 1.0
+    assert metrics["test/hd95_penalised"] >= metrics["test/hd95"]
+    definitions = metrics["test/metric_definitions"]
+    assert set(definitions) == {"dice", "hd95", "hd95_penalised", "nsd"}
+    assert all("missed" in text and "false" in text for text in definitions.values())
     assert len(metrics["test/cases"]) >= 2  # per-case tables, patient-level test split
     for name in ["test_overlays.png", "curves.png", "prompts.safetensors", "checkpoints/last.ckpt", "config.yaml"]:
         assert (vit_run / name).is_file(), name

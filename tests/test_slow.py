@@ -85,3 +85,43 @@ def test_backbone_weights_file_is_untouched_and_reproducible(tmp_path: Path) -> 
             assert state[key].shape[1] == 1 + 4 * 4
         else:
             torch.testing.assert_close(state[key], tensor.float(), msg=key)
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path: Path) -> None:
+    """A real ``kill -9`` in the middle of training, then ``ckpt_path=last.ckpt`` into the same
+    folder: with ``trainer.deterministic=true`` the final metrics equal an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_training import REPO
+    from vpt.training import load_checkpoint_file
+
+    args = ["experiment=quickstart_classification", "trainer.max_epochs=8", "trainer.deterministic=true",
+            "trainer.enable_progress_bar=false", "task.data.samples_per_class=60", "task.data.batch_size=16",
+            "method.dropout=0.1", "num_preview_images=0"]
+    reference = tmp_path / "reference"
+    assert run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path).returncode == 0
+
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts/train.py"), *args, f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 1800  # hang guard only
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed; make it longer"
+    killed_at = load_checkpoint_file(last)["global_step"]
+    assert killed_at > 0
+
+    resumed = run_cli([*args, f"ckpt_path={last}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((reference / "metrics.json").read_text())
+    got = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "test/acc_per_class", "best/val/acc", "steps", "epochs"):
+        assert got[key] == expected[key], key
+    assert got["resumed_from"]["step"] == killed_at

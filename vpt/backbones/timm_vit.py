@@ -19,8 +19,11 @@ The checkpoint's classifier head is never loaded: vpt always trains a new head.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
 import timm
@@ -164,8 +167,34 @@ def _is_hub_failure(error: Exception) -> bool:
     return any(cls.__module__.split(".")[0] in _HUB_ERROR_MODULES for cls in type(error).__mro__)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``) opens within ``timeout`` s."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _use_cache_only_when_offline() -> None:
+    """Without a route to the hub, let huggingface_hub read its local cache only.
+
+    Otherwise every file is retried five times with back-off (about a minute and some forty
+    log lines) before the one useful sentence. ``HF_HUB_OFFLINE=1`` says the same up front.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or hub_reachable():
+        return
+    _logger.info("The Hugging Face hub is not reachable from this machine; looking for the weights in the local cache only.")
+    constants.HF_HUB_OFFLINE = True
+
+
 def _create_with_hub_weights(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
     _check_known(name)
+    _use_cache_only_when_offline()
     try:
         # One construction: timm builds the model and then fetches weights, applying the
         # variant's own filter (FlexiViT, RADIO resampling) that a hand-made load would miss.

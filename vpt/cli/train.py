@@ -73,10 +73,11 @@ def _prepare_resume(cfg: DictConfig) -> tuple[Optional[dict[str, Any]], Optional
 
 
 def _organ_table(per_organ: Any, unit: Optional[str]) -> str:
-    """A plain per-organ table (Dice, HD95, NSD) for the end of a segmentation run."""
+    """A plain per-organ table (Dice, HD95, NSD, case counts) for the end of a segmentation run."""
     if not isinstance(per_organ, dict) or not per_organ:
         return ""
-    columns = [("dice", "Dice"), ("hd95", f"HD95 ({unit or '?'})"), ("nsd", "NSD")]
+    columns = [("dice", "Dice"), ("hd95", f"HD95 ({unit or '?'})"), ("nsd", "NSD"), ("cases", "cases"),
+               ("missed", "missed"), ("false_positive", "false pos.")]
     present = [(k, title) for k, title in columns if any(isinstance(v, dict) and k in v for v in per_organ.values())]
     width = max(len(str(name)) for name in per_organ) + 2
     lines = ["organ".ljust(width) + "".join(title.rjust(12) for _, title in present)]
@@ -84,7 +85,11 @@ def _organ_table(per_organ: Any, unit: Optional[str]) -> str:
         cells = []
         for key, _ in present:
             value = scores.get(key) if isinstance(scores, dict) else None
-            cells.append(("-" if value is None or value != value else f"{value:.4f}").rjust(12))
+            if value is None or value != value:
+                text = "-"
+            else:
+                text = str(value) if isinstance(value, int) else f"{value:.4f}"
+            cells.append(text.rjust(12))
         lines.append(str(name).ljust(width) + "".join(cells))
     return "\n".join(lines)
 

@@ -13,7 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vpt.errors import ConfigError
-from vpt.metrics import classification_metrics, per_class_accuracy
+from vpt.metrics.classification import (
+    CLASSIFICATION_METRIC_DEFINITIONS,
+    class_support,
+    classification_metrics,
+    per_class_accuracy,
+    per_class_report,
+)
 from vpt.runs import save_classification_preview
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
@@ -56,6 +62,7 @@ class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.Lightnin
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_per_class = per_class_accuracy(num_classes)
+        self.test_support = class_support(num_classes)
         self.per_class_result: dict[str, float] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,13 +93,14 @@ class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.Lightnin
         logits = self(images)
         self.test_metrics.update(logits, labels)
         self.test_per_class.update(logits, labels)
+        self.test_support.update(logits, labels)
         self.log("test/loss", self._loss(logits, labels), sync_dist=True, batch_size=labels.shape[0])
         self.log_dict(self.test_metrics, batch_size=labels.shape[0])
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_per_class.compute().tolist()
-        self.per_class_result = {name: float(value) for name, value in zip(self.class_names, values)}
+        self.per_class_result = per_class_report(self.test_per_class.compute(), self.test_support.compute(), self.class_names)
         self.test_per_class.reset()
+        self.test_support.reset()
 
     @torch.no_grad()
     def write_report(self, run_dir: Path, datamodule: L.LightningDataModule, num_pictures: int) -> dict[str, Any]:
@@ -101,7 +109,10 @@ class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.Lightnin
         Returns:
             Extra entries for metrics.json.
         """
-        extras: dict[str, Any] = {"test/acc_per_class": dict(self.per_class_result)}
+        extras: dict[str, Any] = {
+            "test/acc_per_class": dict(self.per_class_result),
+            "test/metric_definitions": dict(CLASSIFICATION_METRIC_DEFINITIONS),
+        }
         if num_pictures <= 0:
             return extras
         images, labels = [], []
