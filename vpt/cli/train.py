@@ -110,7 +110,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     """
     run_dir = Path(run_dir or _run_dir(cfg))
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    check_run_dir(run_dir, resuming=bool(cfg.get("ckpt_path")))
+    # DDP's extra processes re-run this command into the folder the first one has checked
+    # and started to write.
+    launched_rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
+    if launched_rank == 0:
+        check_run_dir(run_dir, resuming=bool(cfg.get("ckpt_path")))
     check_accelerator(trainer_options)  # type: ignore[arg-type]
     checkpoint, ckpt_path = _prepare_resume(cfg)
     resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
@@ -118,7 +122,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     # The checks passed: from here on the run folder is ours to write.
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_hydra_record(run_dir, cfg)
+        if launched_rank == 0:
+            _write_hydra_record(run_dir, cfg)
     except OSError as error:
         raise ConfigError(f"Cannot write the run folder {run_dir} ({error.strerror}); choose a writable hydra.run.dir.") from None
     started = time.time()

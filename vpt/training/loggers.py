@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from typing_extensions import override
 
 from vpt.atomic import atomic_path
@@ -75,6 +76,7 @@ class ResumableCSVLogger(CSVLogger):
 
     @property
     @override
+    @rank_zero_experiment
     def experiment(self) -> _ExperimentWriter:
         if self._experiment is None:
             self._experiment = _AppendingWriter(self.log_dir, self._resume_step)
