@@ -18,15 +18,13 @@ import vpt.tasks.interactive  # noqa: F401  registers the task
 from vpt.backbones.sam import build_sam
 from vpt.cli.train import train
 from vpt.data.medical.phantom import PHANTOM_CLASS_NAMES
+from vpt.data.medical.prompt_geometry import ground_truth_prompts
 from vpt.errors import ConfigError
+from vpt.heads.sam_single_mask import SamSingleMaskDecoder
+from vpt.metrics.interactive import score_volume_prompts
 from vpt.prompts.sam import PromptedSamEncoder
 from vpt.tasks import build_task
-from vpt.tasks.interactive import (
-    InteractiveSamSegmenter,
-    SamSingleMaskDecoder,
-    ground_truth_prompts,
-    score_volume_prompts,
-)
+from vpt.tasks.interactive import InteractiveSamSegmenter
 
 CONFIG_DIR = Path(vpt.__file__).resolve().parent / "configs"
 # What a short run on the phantoms reaches with random-init sam_tiny (measured test/dice: 0.29

@@ -277,3 +277,68 @@ def save_segmentation_overlays(
             axes[row, col].set_title(f"{title} (slice {index})" if col == 0 else title, fontsize=8)
             axes[row, col].axis("off")
     return save_with_organ_legend(fig, class_names, out_png)
+
+
+def _save_prompt_pictures(
+    module: Any,
+    datamodule: Any,
+    count: int,
+    out_png: Path,
+    class_names: Sequence[str],
+) -> Optional[Path]:
+    """Image with the prompts drawn, ground truth and prediction for the ``count`` slices of the
+    first test volume with the most organs, one row per slice.
+
+    Args:
+        module: An interactive segmentation task (:mod:`vpt.tasks.interactive`): has ``prompt``
+            and ``predict_with_ground_truth_prompts(slices, label) -> (prompts, masks)``.
+        datamodule: As for :func:`save_segmentation_overlays`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    volume = first_test_volume(datamodule)
+    if volume is None:
+        return None
+    slices, label = volume
+    organs_per_slice = torch.stack([(label == c).flatten(1).any(1) for c in range(1, len(class_names))]).sum(0)
+    chosen = torch.argsort(organs_per_slice, descending=True, stable=True)[: min(count, len(label))].sort().values
+    prompts, masks = module.predict_with_ground_truth_prompts(slices[chosen], label[chosen])
+    size = tuple(label.shape[-2:])
+    scale = torch.tensor([slices.shape[-1] / size[1], slices.shape[-2] / size[0]])
+    mean, std = np.asarray(datamodule.mean), np.asarray(datamodule.std)
+
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.6 * len(chosen)), squeeze=False)
+    for row, index in enumerate(chosen.tolist()):
+        image = slices[index].float().numpy() * std[:, None, None] + mean[:, None, None]
+        gray = np.clip(image[0], 0, 1)
+        if gray.shape != size:
+            gray = torch.from_numpy(gray)[None, None]
+            gray = F.interpolate(gray, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        mine = (prompts.image_index == row).nonzero().flatten()
+        predicted = np.zeros(size, dtype=np.int64)
+        for prompt in mine.tolist():  # overlapping masks: the higher class index is drawn on top
+            predicted[masks[prompt].numpy()] = int(prompts.organ[prompt])
+        axes[row, 0].imshow(np.repeat(gray[..., None], 3, -1), interpolation="nearest")
+        for prompt in mine.tolist():
+            colour = _ORGAN_COLOURS[int(prompts.organ[prompt]) % len(_ORGAN_COLOURS)]
+            if prompts.boxes is not None:
+                x0, y0, x1, y1 = (prompts.boxes[prompt].reshape(2, 2) / scale).flatten().tolist()
+                axes[row, 0].add_patch(
+                    matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1)
+                )
+            else:
+                x, y = (prompts.points[prompt, 0] / scale).tolist()
+                axes[row, 0].plot([x], [y], marker="*", color=colour, markersize=7, markeredgecolor="white")
+        axes[row, 0].set_title(f"{module.prompt} prompts (slice {index})", fontsize=8)
+        axes[row, 1].imshow(_overlay(gray, label[index].numpy()), interpolation="nearest")
+        axes[row, 1].set_title("ground truth", fontsize=8)
+        axes[row, 2].imshow(_overlay(gray, predicted), interpolation="nearest")
+        axes[row, 2].set_title("prediction", fontsize=8)
+        for axis in axes[row]:
+            axis.axis("off")
+    return save_with_organ_legend(fig, class_names, out_png)

@@ -1,6 +1,8 @@
-"""Metrics: classification accuracy; segmentation Dice (per slice and per volume), HD95 and NSD."""
+"""Metrics: classification accuracy; segmentation Dice (per slice and per volume), HD95 and NSD;
+per-prompt Dice and per-organ 3D scores of interactive segmentation."""
 
 from vpt.metrics.classification import classification_metrics, per_class_accuracy
+from vpt.metrics.interactive import mask_dice, score_volume_prompts
 from vpt.metrics.segmentation import (
     DEFAULT_NSD_TOLERANCE,
     METRIC_DEFINITIONS,
@@ -14,6 +16,8 @@ from vpt.metrics.segmentation import (
 __all__ = [
     "classification_metrics",
     "per_class_accuracy",
+    "mask_dice",
+    "score_volume_prompts",
     "DEFAULT_NSD_TOLERANCE",
     "METRIC_DEFINITIONS",
     "metric_definitions",

@@ -1,5 +1,5 @@
-"""Medical image segmentation data: volume I/O, CT windowing, data set layouts, a CT phantom
-and the slice-wise segmentation data module."""
+"""Medical image segmentation data: volume I/O, CT windowing, data set layouts, a CT phantom,
+the slice-wise segmentation data module and SAM prompts (boxes, points) from label masks."""
 
 from vpt.data.medical.datamodule import (
     SliceDataset,
@@ -41,6 +41,15 @@ from vpt.data.medical.phantom import (
     generate_phantom,
     write_phantom_dataset,
 )
+from vpt.data.medical.prompt_geometry import (
+    PROMPT_KINDS,
+    GroundTruthPrompts,
+    ground_truth_prompts,
+    interior_points,
+    jitter_boxes,
+    mask_boxes,
+    random_foreground_points,
+)
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
 
@@ -51,11 +60,13 @@ __all__ = [
     "LAYOUTS",
     "PHANTOM_CLASS_NAMES",
     "PHANTOM_MARKER",
+    "PROMPT_KINDS",
     "SYNAPSE_CLASS_NAMES",
     "VOLUME_SUFFIXES",
     "Case",
     "CaseArrays",
     "CaseIndex",
+    "GroundTruthPrompts",
     "SliceDataset",
     "VolumeDataset",
     "VolumeGeometry",
@@ -68,7 +79,12 @@ __all__ = [
     "detect_layout",
     "find_cases",
     "generate_phantom",
+    "ground_truth_prompts",
+    "interior_points",
+    "jitter_boxes",
     "load_case",
+    "mask_boxes",
+    "random_foreground_points",
     "read_h5_volume",
     "read_mask_2d",
     "read_npz_slice",
