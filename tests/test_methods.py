@@ -16,6 +16,7 @@ from vpt.methods import (
     parameter_groups,
     save_trained_weights,
 )
+from vpt.prompts import PromptedViT
 from vpt.tasks.optim import OptimizerConfig, WarmupCosine, build_optimizer, scaled_lr
 from tests.conftest import make_tiny_vit
 
@@ -43,12 +44,12 @@ def test_trainable_parameter_counts(method: str, expected_trainable) -> None:
     trainable, total = groups["total"]
     if expected_trainable is None:
         assert trainable == total
-        assert groups["backbone"][0] == _backbone_params(model)
+        assert groups["encoder"][0] == _backbone_params(model)
     else:
         assert trainable == expected_trainable
-        assert groups["backbone"][0] == 0
+        assert groups["encoder"][0] == 0
         assert groups["head"] == (HEAD, HEAD)
-    assert groups["backbone"][1] == _backbone_params(model)
+    assert groups["encoder"][1] == _backbone_params(model)
 
 
 def test_method_registry_and_validation() -> None:
@@ -122,11 +123,20 @@ def test_trained_weights_that_do_not_fit_are_refused(tmp_path) -> None:
     model = build_method("vpt_deep", make_tiny_vit(), CLASSES, num_tokens=TOKENS)
     path = save_trained_weights(model, tmp_path / "p.safetensors", {"method": "vpt_deep"})
     other = build_method("vpt_deep", make_tiny_vit(), CLASSES, num_tokens=TOKENS + 1)
-    with pytest.raises(CheckpointError, match="mis-shaped.*prompt_embeddings"):
+    with pytest.raises(CheckpointError, match="trained with method=vpt_deep.*'num_tokens': 3"):
         load_trained_weights(other, path)
+    # A file without method metadata (written from a hand-built PromptedViT) is checked
+    # tensor by tensor.
+    bare = PromptedViT(make_tiny_vit(), TOKENS)
+    bare.reset_classifier(CLASSES)
+    bare_path = save_trained_weights(bare, tmp_path / "bare.safetensors")
+    with pytest.raises(CheckpointError, match="mis-shaped.*prompt_embeddings"):
+        load_trained_weights(other, bare_path)
     linear = build_method("linear", make_tiny_vit(), CLASSES)
-    with pytest.raises(CheckpointError, match="unexpected.*prompt_embeddings"):
+    with pytest.raises(CheckpointError, match="trained with method=vpt_deep"):
         load_trained_weights(linear, path)
+    with pytest.raises(CheckpointError, match="unexpected.*prompt_embeddings"):
+        load_trained_weights(linear, bare_path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         load_trained_weights(model, tmp_path / "junk.safetensors")

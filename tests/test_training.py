@@ -77,7 +77,7 @@ def finished_run(tmp_path_factory) -> Path:
     run_dir = workdir / "run"
     result = run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Trainable parameters" in result.stdout and "prompts" in result.stdout
+    assert "Trainable parameters" in result.stdout and "method" in result.stdout
     return run_dir
 
 

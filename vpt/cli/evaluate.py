@@ -124,8 +124,9 @@ def evaluate(
 
 
 @exit_on_user_error
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Console entry point (``vpt-evaluate key=value ...``)."""
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point (``vpt-evaluate key=value ...``); returns nothing, since a console
+    script exits with what ``main`` returns (call :func:`evaluate` for the metrics)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
@@ -143,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             overrides.append(arg)
     quiet_console()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    return evaluate(own["run_dir"], own["weights"], own["split"] or "test", own["output"], overrides)
+    evaluate(own["run_dir"], own["weights"], own["split"] or "test", own["output"], overrides)
 
 
 if __name__ == "__main__":

@@ -207,19 +207,23 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
 
 
 def trainer_overrides(argv: Sequence[str]) -> list[str]:
-    """Let ``trainer.X=V`` set any ``lightning.Trainer`` argument, as the README promises.
+    """Let ``trainer.X=V`` set any ``lightning.Trainer`` argument and ``method.X=V`` any
+    method's option, as the README promises.
 
-    The composed config is a Hydra struct, which refuses keys the trainer config does not
-    list (``trainer.num_nodes``, ``trainer.fast_dev_run`` ...) unless written ``+trainer.X``.
-    Arguments naming a real Trainer argument become ``++trainer.X=V`` (add or override);
-    anything else is left for Hydra to judge.
+    The composed config is a Hydra struct, which refuses keys the chosen config does not
+    list (``trainer.num_nodes``, or ``method.num_tokens`` in a sweep over ``method=lora,...``)
+    unless written ``+key``. Arguments naming a real Trainer argument or an option of some
+    method become ``++key=V`` (add or override); the method drops, with a warning, options
+    that belong to other methods. Anything else is left for Hydra to judge.
     """
+    from vpt.methods.registry import _known_options
+
+    known = {"trainer": TRAINER_ARGUMENTS, "method": _known_options()}
     rewritten = []
     for arg in argv:
-        if arg.startswith("trainer.") and "=" in arg:
-            key = arg.split("=", 1)[0][len("trainer."):]
-            if key in TRAINER_ARGUMENTS:
-                arg = "++" + arg
+        head, _, rest = arg.partition(".")
+        if head in known and "=" in rest and rest.split("=", 1)[0] in known[head]:
+            arg = "++" + arg
         rewritten.append(arg)
     return rewritten
 

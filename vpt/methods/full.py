@@ -1,19 +1,18 @@
-"""Full fine-tuning: every parameter trains (the paper's upper-cost baseline)."""
+"""Full fine-tuning: every encoder parameter trains (the costly upper baseline)."""
 
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from vpt.methods.registry import register_method
-from vpt.prompts import PromptedViT
+from vpt.methods.encoders import inner_encoder, wrap_encoder
+from vpt.methods.registry import MethodConfig, register_method
 
 __all__: list[str] = []
 
 
-@register_method("full")
-def full(vit: VisionTransformer, num_classes: int) -> PromptedViT:
-    """No prompts; backbone and new head train, backbone in train mode (dropout, drop-path)."""
-    model = PromptedViT(vit, num_tokens=0, backbone_eval=False)
-    model.vit.requires_grad_(True)
-    model.reset_classifier(num_classes)
+@register_method("full", MethodConfig)
+def full(encoder: nn.Module, config: MethodConfig) -> nn.Module:
+    """No prompts; the whole encoder trains, in train mode (dropout, drop-path)."""
+    model = wrap_encoder(encoder, 0, backbone_eval=False)
+    inner_encoder(model).requires_grad_(True)
     return model

@@ -1,18 +1,16 @@
-"""Linear probing: the frozen backbone and a new trainable head."""
+"""Linear probing: the frozen encoder; only the new head (or decoder) trains."""
 
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from vpt.methods.registry import register_method
-from vpt.prompts import PromptedViT
+from vpt.methods.encoders import wrap_encoder
+from vpt.methods.registry import MethodConfig, register_method
 
 __all__: list[str] = []
 
 
-@register_method("linear")
-def linear(vit: VisionTransformer, num_classes: int) -> PromptedViT:
-    """Frozen backbone (held in eval mode), only the new head trains."""
-    model = PromptedViT(vit, num_tokens=0)
-    model.reset_classifier(num_classes)
-    return model
+@register_method("linear", MethodConfig)
+def linear(encoder: nn.Module, config: MethodConfig) -> nn.Module:
+    """Frozen encoder held in eval mode; nothing of it trains."""
+    return wrap_encoder(encoder, 0)

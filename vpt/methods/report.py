@@ -10,13 +10,21 @@ from torch import nn
 __all__ = ["parameter_groups", "parameter_table", "default_group"]
 
 
+# Name parts of tensors a method adds to the encoder (prompts, LoRA, adapters).
+_METHOD_PARTS = ("prompt", "lora_", "adapter")
+# Top-level names of heads and decoders (the timm classifier lives inside the ViT).
+_HEAD_PREFIXES = ("vit.head.", "head.", "decoder.", "mask_decoder.")
+
+
 def default_group(name: str) -> str:
-    """Group of a parameter name: prompts, head (classifier or decoder) or backbone."""
-    if any(part.startswith("prompt") for part in name.split(".")):
-        return "prompts"
-    if name.startswith(("vit.head.", "head.", "decoder.", "mask_decoder.")):
+    """Group of a parameter name: ``method`` (what a method added), ``head`` (classifier or
+    decoder) or ``encoder`` (the pretrained encoder's own tensors, trained or not)."""
+    parts = name.split(".")
+    if any(part.startswith(_METHOD_PARTS) for part in parts):
+        return "method"
+    if name.startswith(_HEAD_PREFIXES):
         return "head"
-    return "backbone"
+    return "encoder"
 
 
 def parameter_groups(
@@ -25,9 +33,9 @@ def parameter_groups(
     """Trainable and total parameter counts per group.
 
     Returns:
-        {group: (trainable, total)} for prompts, head, backbone (in that order), then "total".
+        {group: (trainable, total)} for method, head, encoder (in that order), then "total".
     """
-    counts: "OrderedDict[str, list[int]]" = OrderedDict((g, [0, 0]) for g in ("prompts", "head", "backbone"))
+    counts: "OrderedDict[str, list[int]]" = OrderedDict((g, [0, 0]) for g in ("method", "head", "encoder"))
     for name, param in model.named_parameters():
         entry = counts.setdefault(group_of(name), [0, 0])
         entry[1] += param.numel()

@@ -46,8 +46,12 @@ def save_trained_weights(model: nn.Module, path: str | Path, metadata: Optional[
     """
     path = Path(path)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    encoder = _method_carrier(model)
+    if encoder is not None:
+        header["method"] = str(encoder.method_name)
+        header["method_options"] = json.dumps(encoder.method_options, sort_keys=True)
     for key, value in (metadata or {}).items():
-        header[key] = value if isinstance(value, str) else json.dumps(value)
+        header.setdefault(key, value if isinstance(value, str) else json.dumps(value))
     with atomic_path(path) as tmp:
         save_file(trainable_state_dict(model), str(tmp), metadata=header)
     return path
@@ -80,6 +84,27 @@ def read_trained_metadata(path: str | Path) -> dict[str, Any]:
     return decoded
 
 
+def _method_carrier(model: nn.Module) -> Optional[nn.Module]:
+    """The submodule :func:`vpt.methods.apply_method` returned (it records the method)."""
+    for module in model.modules():
+        if hasattr(module, "method_name") and hasattr(module, "method_options"):
+            return module
+    return None
+
+
+def _check_method(model: nn.Module, metadata: Mapping[str, Any], path: Path) -> None:
+    encoder = _method_carrier(model)
+    if encoder is None or "method_options" not in metadata:
+        return
+    saved = (metadata.get("method"), metadata.get("method_options"))
+    built = (encoder.method_name, json.loads(json.dumps(encoder.method_options)))
+    if saved != built:
+        raise CheckpointError(
+            f"{path} was trained with method={saved[0]} {saved[1]}, but the model was built with method={built[0]} "
+            f"{built[1]}; build it with the method and options the file names."
+        )
+
+
 def load_trained_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a trained-weights file into ``model``, whose trainable set must match it exactly.
 
@@ -95,6 +120,7 @@ def load_trained_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
         CheckpointError: missing, extra or mis-shaped tensors (named in the message).
     """
     metadata = read_trained_metadata(path)
+    _check_method(model, metadata, Path(path))
     tensors = load_file(str(path))
     expected = dict(model.named_parameters())
     trainable = {name for name, param in expected.items() if param.requires_grad}

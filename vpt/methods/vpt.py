@@ -1,27 +1,28 @@
-"""VPT-deep and VPT-shallow (Jia et al., ECCV 2022): prompts + a new linear head."""
+"""VPT-deep and VPT-shallow (Jia et al., ECCV 2022): learned prompt tokens, encoder frozen."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from vpt.errors import ConfigError
-from vpt.methods.registry import register_method
-from vpt.prompts import PromptedViT
+from vpt.methods.encoders import wrap_encoder
+from vpt.methods.registry import MethodConfig, register_method
 
 __all__ = ["PromptConfig"]
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(MethodConfig):
     """Settings of the prompt methods.
 
     Args:
         num_tokens: Prompt tokens per set (the paper searches 1 to 200; 50 is a common pick).
         dropout: Dropout on prompt tokens (the paper uses 0.1).
-        project_dim: Optional prompt width before a shared linear projection; None for none.
+        project_dim: Optional prompt width before a shared linear projection (timm ViTs);
+            None for none.
     """
 
     num_tokens: int = 50
@@ -37,29 +38,13 @@ class PromptConfig:
             raise ConfigError(f"method.project_dim must be a positive width or null, got {self.project_dim}.")
 
 
-def _prompted(vit: VisionTransformer, num_classes: int, deep: bool, **options: object) -> PromptedViT:
-    config = PromptConfig(**options)  # type: ignore[arg-type]
-    model = PromptedViT(
-        vit, config.num_tokens, deep=deep, dropout=config.dropout, project_dim=config.project_dim
-    )
-    model.reset_classifier(num_classes)
-    return model
+@register_method("vpt_deep", PromptConfig)
+def vpt_deep(encoder: nn.Module, config: PromptConfig) -> nn.Module:
+    """A prompt set in every block (run as keys and values only); encoder frozen."""
+    return wrap_encoder(encoder, config.num_tokens, deep=True, dropout=config.dropout, project_dim=config.project_dim)
 
 
-def _with_options(builder):
-    builder.options = {f.name for f in fields(PromptConfig)}
-    return builder
-
-
-@register_method("vpt_deep")
-@_with_options
-def vpt_deep(vit: VisionTransformer, num_classes: int, **options: object) -> PromptedViT:
-    """A prompt set in every block; backbone frozen; prompts and head train."""
-    return _prompted(vit, num_classes, deep=True, **options)
-
-
-@register_method("vpt_shallow")
-@_with_options
-def vpt_shallow(vit: VisionTransformer, num_classes: int, **options: object) -> PromptedViT:
-    """One prompt set at the input; backbone frozen; prompts and head train."""
-    return _prompted(vit, num_classes, deep=False, **options)
+@register_method("vpt_shallow", PromptConfig)
+def vpt_shallow(encoder: nn.Module, config: PromptConfig) -> nn.Module:
+    """One prompt set at the input, carried through every block; encoder frozen."""
+    return wrap_encoder(encoder, config.num_tokens, deep=False, dropout=config.dropout, project_dim=config.project_dim)

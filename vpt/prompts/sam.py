@@ -41,7 +41,7 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos, window_partition, window_unpartition
 
 from vpt.errors import ConfigError
-from vpt.prompts.vit import prompt_init_bound
+from vpt.prompts.vit import follow_train_mode, prompt_init_bound
 
 __all__ = ["PromptedSamEncoder"]
 
@@ -120,6 +120,7 @@ class PromptedSamEncoder(nn.Module):
         super().train(mode)
         if mode and self.backbone_eval:
             self.image_encoder.eval()
+            follow_train_mode(self.image_encoder, mode)
         return self
 
     def prompts(self, index: int, batch_size: int) -> torch.Tensor:

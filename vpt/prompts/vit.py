@@ -14,13 +14,22 @@ from timm.models.vision_transformer import VisionTransformer
 from vpt.errors import ConfigError
 from vpt.prompts.attention import concat_prompt_block, key_value_prompt_block, supports_key_value_prompts
 
-__all__ = ["PromptedViT", "prompt_init_bound"]
+__all__ = ["PromptedViT", "prompt_init_bound", "follow_train_mode"]
 
 _logger = logging.getLogger(__name__)
 
 # Children of a timm ViT that belong to the classifier, not to the frozen trunk: they follow
 # the requested train/eval mode even when the trunk is held in eval mode.
 _HEAD_MODULES = ("head", "head_drop")
+
+
+def follow_train_mode(frozen: nn.Module, mode: bool) -> None:
+    """Put the modules a method added or unfroze inside a frozen trunk (marked with
+    ``follows_train_mode = True``: adapters, LoRA dropout, unfrozen blocks) back in ``mode``
+    after the trunk was held in eval mode."""
+    for module in frozen.modules():
+        if getattr(module, "follows_train_mode", False):
+            module.train(mode)
 
 
 def prompt_init_bound(patch_size: tuple[int, int], prompt_dim: int) -> float:
@@ -144,6 +153,7 @@ class PromptedViT(nn.Module):
             for name, module in self.vit.named_children():
                 if name not in _HEAD_MODULES:
                     module.eval()
+            follow_train_mode(self.vit, mode)
         return self
 
     def prompts(self, index: int, batch_size: int) -> torch.Tensor:

@@ -145,7 +145,7 @@ def build_classification(cfg: DictConfig) -> TaskParts:
     from vpt.data.registry import build_datamodule
 
     from vpt.backbones import create_vit, vit_data_config
-    from vpt.methods import build_method
+    from vpt.methods import build_method, options_of
 
     model_cfg = cfg.model
     if model_cfg.get("family", "timm") != "timm":
@@ -167,8 +167,7 @@ def build_classification(cfg: DictConfig) -> TaskParts:
         std=tuple(data_config["std"]),
     )
     num_classes, class_names = datamodule.num_classes, datamodule.class_names
-    method_options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    model = build_method(cfg.method.name, vit, num_classes, **method_options)
+    model = build_method(cfg.method.name, vit, num_classes, **options_of(OmegaConf.to_container(cfg.method, resolve=True)))
     module = ClassificationTask(
         model,
         num_classes=num_classes,

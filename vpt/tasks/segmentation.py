@@ -33,6 +33,7 @@ from torch import nn
 
 from vpt.errors import ConfigError, DataError
 from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
+from vpt.methods import apply_method, options_of
 from vpt.metrics.segmentation import (
     DEFAULT_NSD_TOLERANCE,
     SliceDice,
@@ -270,21 +271,6 @@ def check_data_folder(task_cfg: DictConfig) -> None:
         )
 
 
-def _encoder_method(method_cfg: DictConfig) -> tuple[int, bool, float, bool]:
-    """(num_tokens, deep, dropout, train_encoder) for a method name on a segmentation encoder."""
-    name = method_cfg.name
-    if name in ("vpt_deep", "vpt_shallow"):
-        tokens = int(method_cfg.get("num_tokens", 50))
-        if tokens < 1:
-            raise ConfigError(f"method.num_tokens must be >= 1 for prompt tuning, got {tokens}.")
-        return tokens, name == "vpt_deep", float(method_cfg.get("dropout", 0.0)), False
-    if name == "linear":  # frozen encoder, only the decoder trains
-        return 0, True, 0.0, False
-    if name == "full":
-        return 0, True, 0.0, True
-    raise ConfigError(f"Method {name!r} has no segmentation form; use vpt_deep, vpt_shallow, linear or full.")
-
-
 def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[float, ...]]:
     """Input mean/std in 0-1 units: the model config's ``mean``/``std`` when given (MedSAM
     feeds [0, 1] images unnormalised), else SAM's own ImageNet statistics (0-255 units / 255)."""
@@ -305,7 +291,6 @@ def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str,
         normalisation the data module must use.
     """
     from vpt.backbones.sam import build_sam
-    from vpt.prompts.sam import PromptedSamEncoder
 
     model_cfg = cfg.model
     sam = build_sam(
@@ -315,10 +300,7 @@ def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str,
         pretrained=model_cfg.pretrained,
         **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
     )
-    tokens, deep, dropout, train_encoder = _encoder_method(cfg.method)
-    encoder = PromptedSamEncoder(sam.image_encoder, tokens, deep=deep, dropout=dropout, backbone_eval=not train_encoder)
-    if train_encoder:
-        encoder.image_encoder.requires_grad_(True)
+    encoder = apply_method(sam.image_encoder, cfg.method.name, **options_of(OmegaConf.to_container(cfg.method, resolve=True)))
     data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
     return sam, encoder, data
 
@@ -332,7 +314,6 @@ def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, 
 
 def _build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     from vpt.backbones import create_vit, vit_data_config
-    from vpt.prompts import PromptedViT
 
     model_cfg = cfg.model
     vit = create_vit(
@@ -342,11 +323,8 @@ def _build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, 
         img_size=model_cfg.img_size,
         **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
     )
-    tokens, deep, dropout, train_encoder = _encoder_method(cfg.method)
-    encoder = PromptedViT(vit, tokens, deep=deep, dropout=dropout, backbone_eval=not train_encoder)
+    encoder = apply_method(vit, cfg.method.name, **options_of(OmegaConf.to_container(cfg.method, resolve=True)))
     encoder.reset_classifier(0)
-    if train_encoder:
-        encoder.vit.requires_grad_(True)
     decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=int(cfg.task.get("decoder_dim", 128)))
     config = vit_data_config(vit)
     data = {"image_size": tuple(config["input_size"][-2:]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
