@@ -24,7 +24,7 @@ from vpt.heads.sam_single_mask import SamSingleMaskDecoder
 from vpt.metrics.interactive import score_volume_prompts
 from vpt.prompts.sam import PromptedSamEncoder
 from vpt.tasks import build_task
-from vpt.tasks.interactive import InteractiveSamSegmenter
+from vpt.models import InteractiveSamSegmenter
 
 CONFIG_DIR = Path(vpt.__file__).resolve().parent / "configs"
 # What a short run on the phantoms reaches with random-init sam_tiny (measured test/dice: 0.29

@@ -22,7 +22,7 @@ from tests.test_training import FAST, compose_config, run_cli
 from vpt.atomic import atomic_path
 from vpt.cli.evaluate import evaluate
 from vpt.cli.train import train, trainer_overrides
-from vpt.errors import CheckpointError, ConfigError, VptError
+from vpt.errors import CheckpointError, ConfigError
 from vpt.training import check_accelerator, load_checkpoint_file
 from vpt.training.callbacks import register_callback
 

@@ -143,31 +143,17 @@ def _backbone_id(model_cfg: Any) -> str:
 def build_classification(cfg: DictConfig) -> TaskParts:
     """Backbone -> method -> data -> :class:`ClassificationTask` from the resolved config."""
     from vpt.data.registry import build_datamodule
-
-    from vpt.backbones import create_vit, vit_data_config
-    from vpt.methods import build_method, options_of
+    from vpt.models import build_classifier, build_vit
 
     model_cfg = cfg.model
     if model_cfg.get("family", "timm") != "timm":
         raise ConfigError(
             f"Classification needs a timm ViT backbone, got model={model_cfg.name}; pick e.g. model=vit_b."
         )
-    vit = create_vit(
-        model_cfg.name,
-        pretrained=model_cfg.pretrained,
-        checkpoint=model_cfg.checkpoint,
-        img_size=model_cfg.img_size,
-        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
-    )
-    data_config = vit_data_config(vit)
-    datamodule = build_datamodule(
-        OmegaConf.to_container(cfg.task.data, resolve=True),
-        image_size=tuple(data_config["input_size"][-2:]),
-        mean=tuple(data_config["mean"]),
-        std=tuple(data_config["std"]),
-    )
+    vit, data = build_vit(cfg)
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.task.data, resolve=True), **data)
     num_classes, class_names = datamodule.num_classes, datamodule.class_names
-    model = build_method(cfg.method.name, vit, num_classes, **options_of(OmegaConf.to_container(cfg.method, resolve=True)))
+    model = build_classifier(cfg, vit, num_classes)
     module = ClassificationTask(
         model,
         num_classes=num_classes,
@@ -184,8 +170,8 @@ def build_classification(cfg: DictConfig) -> TaskParts:
         "method": cfg.method.name,
         "num_classes": num_classes,
         "class_names": list(class_names),
-        "input_size": list(data_config["input_size"]),
-        "mean": list(data_config["mean"]),
-        "std": list(data_config["std"]),
+        "input_size": [3, *data["image_size"]],
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
     }
     return TaskParts(module=module, datamodule=datamodule, model=model, metadata=metadata)

@@ -69,65 +69,20 @@ from torchmetrics import MeanMetric
 
 from vpt.data.medical.prompt_geometry import PROMPT_KINDS, GroundTruthPrompts, ground_truth_prompts
 from vpt.errors import ConfigError
-from vpt.heads import SamSingleMaskDecoder
 from vpt.metrics.interactive import mask_dice, score_volume_prompts
 from vpt.metrics.segmentation import DEFAULT_NSD_TOLERANCE, metric_definitions, summarize_volume_scores
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
-from vpt.tasks.segmentation import build_prompted_sam, check_data_folder
+from vpt.tasks.segmentation import check_data_folder
 
 __all__ = [
-    "InteractiveSamSegmenter",
     "InteractiveSegmentationTask",
     "binary_dice_loss",
     "build_interactive_segmentation",
 ]
 
 _logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-class InteractiveSamSegmenter(nn.Module):
-    """Prompted SAM image encoder -> SAM's prompt-driven mask decoder.
-
-    Args:
-        encoder: A :class:`~vpt.prompts.sam.PromptedSamEncoder`.
-        decoder: A :class:`SamSingleMaskDecoder`.
-    """
-
-    def __init__(self, encoder: nn.Module, decoder: SamSingleMaskDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        image_index: torch.Tensor,
-        boxes: Optional[torch.Tensor] = None,
-        points: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Mask logits for prompts on a batch of images.
-
-        Each image that has a prompt is encoded once; every prompt decodes against the
-        embedding of its own image.
-
-        Args:
-            images: (B, 3, H, W).
-            image_index: (P,) int64, the image of each prompt.
-            boxes: (P, 4) boxes in input pixels, or None.
-            points: (P, N, 2) positive points in input pixels, or None.
-
-        Returns:
-            (P, H/4, W/4) mask logits.
-        """
-        used, rows = torch.unique(image_index, return_inverse=True)
-        embeddings = self.encoder(images[used])
-        return self.decoder(embeddings[rows], boxes=boxes, points=points)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +111,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
     """Training on ground-truth SAM prompts, per-prompt Dice validation, per-slice and 3D testing.
 
     Args:
-        model: An :class:`InteractiveSamSegmenter`.
+        model: A :class:`~vpt.models.InteractiveSamSegmenter`.
         class_names: Names by class index, background first.
         prompt: ``"box"`` or ``"point"``.
         box_jitter: Largest training move of a box side, as a fraction of the box's extent.
@@ -174,7 +129,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
 
     def __init__(
         self,
-        model: InteractiveSamSegmenter,
+        model: nn.Module,
         class_names: Sequence[str],
         prompt: str = "box",
         box_jitter: float = 0.1,
@@ -414,19 +369,11 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
 # Builder
 
 
-def _build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, dict[str, Any]]:
-    """The prompted SAM encoder and single-mask decoder, and the data settings SAM expects."""
-    sam, encoder, data = build_prompted_sam(cfg)
-    decoder = SamSingleMaskDecoder(sam.prompt_encoder, sam.mask_decoder)
-    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
-    decoder.sam_prompt_encoder.requires_grad_(False)  # SAM's prompt encoder never trains here
-    return InteractiveSamSegmenter(encoder, decoder), data
-
-
 @register_task("interactive_segmentation")
 def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
-    """SAM encoder -> VPT prompts -> SAM prompt encoder + mask decoder -> volume data -> task."""
+    """SAM encoder -> method -> SAM prompt encoder + mask decoder -> volume data -> task."""
     from vpt.data.registry import build_datamodule
+    from vpt.models import build_interactive_sam
 
     task_cfg = cfg.task
     family = cfg.model.get("family", "timm")
@@ -440,7 +387,7 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
         raise ConfigError(f"task.prompt must be one of {PROMPT_KINDS}, got {prompt!r}.")
     check_data_folder(task_cfg)
     class_names = list(task_cfg.class_names)
-    model, data = _build_interactive_sam(cfg)
+    model, data = build_interactive_sam(cfg)
     datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=len(class_names), **data)
     cap = task_cfg.get("max_prompts_per_slice", 4)
     module = InteractiveSegmentationTask(

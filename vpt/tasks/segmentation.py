@@ -2,11 +2,14 @@
 
 Two model families share one LightningModule:
 
-- ``model.family: sam`` — SAM's image encoder with prompt tokens (:class:`PromptedSamEncoder`)
-  and SAM's mask decoder answering every class at once (:class:`SamMulticlassDecoder`,
+The network comes from the composition root (:mod:`vpt.models`): the encoder with the
+configured method applied (:func:`vpt.apply_method`) and a decoder.
+
+- ``model.family: sam`` — SAM's image encoder (:class:`PromptedSamEncoder`) and SAM's
+  mask decoder answering every class at once (:class:`SamMulticlassDecoder`,
   no clicks). The prompt encoder stays frozen; the mask decoder trains unless
   ``task.train_decoder=false``.
-- ``model.family: timm`` — a prompted timm ViT (:class:`PromptedViT`) with a light decoder
+- ``model.family: timm`` — a timm ViT (:class:`PromptedViT`) with a light decoder
   on its patch tokens (:class:`PatchTokenDecoder`).
 
 Training sees 2D slices; the loss (cross-entropy + soft Dice, weights in the task config)
@@ -25,15 +28,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vpt.errors import ConfigError, DataError
-from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder
-from vpt.methods import apply_method, options_of
+from vpt.errors import DataError
 from vpt.metrics.segmentation import (
     DEFAULT_NSD_TOLERANCE,
     SliceDice,
@@ -44,48 +44,9 @@ from vpt.metrics.segmentation import (
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
 
-__all__ = ["SamSegmenter", "VitSegmenter", "SegmentationTask", "dice_loss", "build_segmentation", "build_prompted_sam", "check_data_folder", "sam_normalisation"]
+__all__ = ["SegmentationTask", "dice_loss", "build_segmentation", "check_data_folder"]
 
 _logger = logging.getLogger(__name__)
-
-
-class SamSegmenter(nn.Module):
-    """Prompted SAM image encoder -> multi-class mask decoder.
-
-    Args:
-        encoder: A :class:`~vpt.prompts.sam.PromptedSamEncoder`.
-        decoder: A :class:`~vpt.heads.SamMulticlassDecoder`.
-    """
-
-    def __init__(self, encoder: nn.Module, decoder: SamMulticlassDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> class logits (B, C, H/4, W/4)."""
-        return self.decoder(self.encoder(images))
-
-
-class VitSegmenter(nn.Module):
-    """Prompted timm ViT -> patch-token decoder.
-
-    Args:
-        encoder: A :class:`~vpt.prompts.PromptedViT` (its classifier is unused).
-        decoder: A :class:`~vpt.heads.PatchTokenDecoder`.
-    """
-
-    def __init__(self, encoder: nn.Module, decoder: PatchTokenDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> class logits (B, C, 4 H/p, 4 W/p) for patch size p."""
-        tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens :]
-        patch = self.encoder.vit.patch_embed.patch_size
-        grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
-        return self.decoder(tokens, grid)
 
 
 def dice_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -271,82 +232,18 @@ def check_data_folder(task_cfg: DictConfig) -> None:
         )
 
 
-def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[float, ...]]:
-    """Input mean/std in 0-1 units: the model config's ``mean``/``std`` when given (MedSAM
-    feeds [0, 1] images unnormalised), else SAM's own ImageNet statistics (0-255 units / 255)."""
-    if model_cfg.get("mean") is not None and model_cfg.get("std") is not None:
-        return {"mean": tuple(float(v) for v in model_cfg.mean), "std": tuple(float(v) for v in model_cfg.std)}
-    return {
-        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
-        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
-    }
-
-
-def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """SAM from ``cfg.model``, its image encoder wrapped in prompts per ``cfg.method``.
-
-    Returns:
-        ``(sam, encoder, data)``: the segment-anything model (its prompt encoder and mask
-        decoder for the heads), the :class:`PromptedSamEncoder`, and the input size and
-        normalisation the data module must use.
-    """
-    from vpt.backbones.sam import build_sam
-
-    model_cfg = cfg.model
-    sam = build_sam(
-        model_cfg.name,
-        checkpoint=model_cfg.checkpoint,
-        img_size=int(model_cfg.img_size or 1024),
-        pretrained=model_cfg.pretrained,
-        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
-    )
-    encoder = apply_method(sam.image_encoder, cfg.method.name, **options_of(OmegaConf.to_container(cfg.method, resolve=True)))
-    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
-    return sam, encoder, data
-
-
-def _build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    sam, encoder, data = build_prompted_sam(cfg)
-    decoder = SamMulticlassDecoder(sam.mask_decoder, sam.prompt_encoder, num_classes)
-    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
-    return SamSegmenter(encoder, decoder), data
-
-
-def _build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    from vpt.backbones import create_vit, vit_data_config
-
-    model_cfg = cfg.model
-    vit = create_vit(
-        model_cfg.name,
-        pretrained=model_cfg.pretrained,
-        checkpoint=model_cfg.checkpoint,
-        img_size=model_cfg.img_size,
-        **(OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}),
-    )
-    encoder = apply_method(vit, cfg.method.name, **options_of(OmegaConf.to_container(cfg.method, resolve=True)))
-    encoder.reset_classifier(0)
-    decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=int(cfg.task.get("decoder_dim", 128)))
-    config = vit_data_config(vit)
-    data = {"image_size": tuple(config["input_size"][-2:]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
-    return VitSegmenter(encoder, decoder), data
-
-
 @register_task("segmentation")
 def build_segmentation(cfg: DictConfig) -> TaskParts:
     """Encoder (SAM or timm ViT) -> prompts -> decoder -> volume data -> :class:`SegmentationTask`."""
     from vpt.data.registry import build_datamodule
+    from vpt.models import build_segmenter
 
     task_cfg = cfg.task
     check_data_folder(task_cfg)
     class_names = list(task_cfg.class_names)
     num_classes = len(class_names)
     family = cfg.model.get("family", "timm")
-    if family == "sam":
-        model, data = _build_sam_segmenter(cfg, num_classes)
-    elif family == "timm":
-        model, data = _build_vit_segmenter(cfg, num_classes)
-    else:
-        raise ConfigError(f"Unknown model.family {family!r}; use a model config from configs/model/.")
+    model, data = build_segmenter(cfg, num_classes)
     datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=num_classes, **data)
     module = SegmentationTask(
         model,

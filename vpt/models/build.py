@@ -1,0 +1,146 @@
+"""The composition root: encoder + method + head for every task, from the config.
+
+Tasks ask here for their network; this is the one place that knows the encoder families
+(timm ViT, SAM), applies the method (:func:`vpt.apply_method`) and attaches the head or
+decoder the task needs. Each builder returns the network and the input settings (size,
+normalisation) the data module must use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vpt.errors import ConfigError
+from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder, SamSingleMaskDecoder
+from vpt.methods import apply_method, build_method, options_of
+from vpt.models.segmenters import InteractiveSamSegmenter, SamSegmenter, VitSegmenter
+
+__all__ = [
+    "build_vit",
+    "build_classifier",
+    "build_segmenter",
+    "build_sam_segmenter",
+    "build_vit_segmenter",
+    "build_interactive_sam",
+    "build_prompted_sam",
+    "sam_normalisation",
+]
+
+
+def _model_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}  # type: ignore[return-value]
+
+
+def _method(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    return cfg.method.name, options_of(OmegaConf.to_container(cfg.method, resolve=True))  # type: ignore[arg-type]
+
+
+def _create_vit(cfg: DictConfig) -> nn.Module:
+    from vpt.backbones import create_vit
+
+    model_cfg = cfg.model
+    return create_vit(
+        model_cfg.name,
+        pretrained=model_cfg.pretrained,
+        checkpoint=model_cfg.checkpoint,
+        img_size=model_cfg.img_size,
+        **_model_kwargs(model_cfg),
+    )
+
+
+def _vit_data(vit: nn.Module) -> dict[str, Any]:
+    from vpt.backbones import vit_data_config
+
+    config = vit_data_config(vit)
+    return {"image_size": tuple(config["input_size"][-2:]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
+
+
+def build_vit(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The config's timm ViT (weights loaded, no method yet) and its data settings: the data
+    module needs them before it can say how many classes there are."""
+    if cfg.model.get("family", "timm") != "timm":
+        raise ConfigError(f"This task needs a timm ViT backbone, got model={cfg.model.name}; pick e.g. model=vit_b.")
+    vit = _create_vit(cfg)
+    return vit, _vit_data(vit)
+
+
+def build_classifier(cfg: DictConfig, vit: nn.Module, num_classes: int) -> nn.Module:
+    """The method of the config applied to ``vit`` (from :func:`build_vit`), with a new
+    ``num_classes`` head."""
+    name, options = _method(cfg)
+    return build_method(name, vit, num_classes, **options)
+
+
+def build_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The automatic segmentation network of the config's model family."""
+    family = cfg.model.get("family", "timm")
+    if family == "sam":
+        return build_sam_segmenter(cfg, num_classes)
+    if family == "timm":
+        return build_vit_segmenter(cfg, num_classes)
+    raise ConfigError(f"Unknown model.family {family!r}; use a model config from configs/model/.")
+
+
+def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[float, ...]]:
+    """Input mean/std in 0-1 units: the model config's ``mean``/``std`` when given (MedSAM
+    feeds [0, 1] images unnormalised), else SAM's own ImageNet statistics (0-255 units / 255)."""
+    if model_cfg.get("mean") is not None and model_cfg.get("std") is not None:
+        return {"mean": tuple(float(v) for v in model_cfg.mean), "std": tuple(float(v) for v in model_cfg.std)}
+    return {
+        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
+        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
+    }
+
+
+def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """SAM from ``cfg.model``, its image encoder adapted by ``cfg.method``.
+
+    Returns:
+        ``(sam, encoder, data)``: the segment-anything model (its prompt encoder and mask
+        decoder for the heads), the adapted encoder (a :class:`~vpt.prompts.PromptedSamEncoder`),
+        and the input size and normalisation the data module must use.
+    """
+    from vpt.backbones.sam import build_sam
+
+    model_cfg = cfg.model
+    sam = build_sam(
+        model_cfg.name,
+        checkpoint=model_cfg.checkpoint,
+        img_size=int(model_cfg.img_size or 1024),
+        pretrained=model_cfg.pretrained,
+        **_model_kwargs(model_cfg),
+    )
+    name, options = _method(cfg)
+    encoder = apply_method(sam.image_encoder, name, **options)
+    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
+    return sam, encoder, data
+
+
+def build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """SAM encoder (method applied) -> multi-class mask decoder, and the data settings."""
+    sam, encoder, data = build_prompted_sam(cfg)
+    decoder = SamMulticlassDecoder(sam.mask_decoder, sam.prompt_encoder, num_classes)
+    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+    return SamSegmenter(encoder, decoder), data
+
+
+def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """timm ViT (method applied) -> patch-token decoder, and the data settings."""
+    vit, data = build_vit(cfg)
+    name, options = _method(cfg)
+    encoder = apply_method(vit, name, **options)
+    encoder.reset_classifier(0)
+    decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=int(cfg.task.get("decoder_dim", 128)))
+    return VitSegmenter(encoder, decoder), data
+
+
+def build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, dict[str, Any]]:
+    """The adapted SAM encoder and single-mask decoder, and the data settings SAM expects."""
+    sam, encoder, data = build_prompted_sam(cfg)
+    decoder = SamSingleMaskDecoder(sam.prompt_encoder, sam.mask_decoder)
+    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+    decoder.sam_prompt_encoder.requires_grad_(False)  # SAM's prompt encoder never trains here
+    return InteractiveSamSegmenter(encoder, decoder), data
