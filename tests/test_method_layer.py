@@ -253,3 +253,42 @@ def test_every_method_trains_saves_and_reports_on_every_task(task: str, method: 
     assert headline in written
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert set(checkpoint["state_dict"]) == {f"model.{name}" for name in tensors}
+
+
+def test_each_model_family_brings_its_optimiser_recipe() -> None:
+    assert compose_config(["model=vit_b"]).optimizer.name == "sgd"
+    dinov2 = compose_config(["model=vit_s_dinov2"])
+    assert (dinov2.optimizer.name, dinov2.optimizer.base_lr) == ("adamw", 0.05)
+    assert compose_config(["model=sam_vit_b"]).optimizer.name == "adamw"
+    assert compose_config(["model=vit_s_dinov2", "optimizer.base_lr=0.2"]).optimizer.base_lr == 0.2
+    assert compose_config(["experiment=quickstart"]).optimizer.base_lr == 0.5  # experiments win
+
+
+def test_method_zoo_sweeps_every_method() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_training import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=method_zoo"], return_hydra_config=True)
+    swept = set(str(cfg.hydra.sweeper.params.method).split(","))
+    assert swept == set(available_methods())
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
+def test_readme_sweep_runs_every_method_with_shared_keys(tmp_path: Path) -> None:
+    """The README's sweep line, shortened: method.num_tokens does not break linear or lora."""
+    from tests.test_training import run_cli
+
+    result = run_cli(["-m", "experiment=quickstart_classification", "model=vit_micro", "method=vpt_deep,linear,lora",
+                      "method.num_tokens=2,4", "trainer.fast_dev_run=true", "task.data.samples_per_class=8",
+                      "num_preview_images=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(finished) == 6
+    from omegaconf import OmegaConf
+
+    runs = [OmegaConf.load(p.parent / "config.yaml").method for p in finished]
+    assert sorted(m.name for m in runs) == ["linear", "linear", "lora", "lora", "vpt_deep", "vpt_deep"]
+    assert sorted(m.num_tokens for m in runs if m.name == "vpt_deep") == [2, 4]
+    assert "ignores the options ['num_tokens']" in result.stdout + result.stderr

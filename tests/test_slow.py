@@ -125,3 +125,19 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path: Pa
     for key in ("test/acc", "test/loss", "test/acc_per_class", "best/val/acc", "steps", "epochs"):
         assert got[key] == expected[key], key
     assert got["resumed_from"]["step"] == killed_at
+
+
+@pytest.mark.parametrize("method", ["linear", "vpt_deep", "lora"])
+def test_dinov2_defaults_learn_with_every_method(method: str, tmp_path: Path) -> None:
+    """The model family's default recipe (no optimizer overrides) trains each method on the
+    real DINOv2 ViT-S/14; SGD at the ViT-21k rate used to diverge for a linear head."""
+    weights = _dinov2_weights()
+    cfg = compose_config([
+        "model=vit_s_dinov2", f"model.checkpoint={weights}", "model.img_size=56", "task=shapes",
+        "task.data.samples_per_class=100", "task.data.batch_size=16", f"method={method}",
+        "trainer.max_epochs=5", "trainer.enable_progress_bar=false", "num_preview_images=0",
+        *(["method.num_tokens=4"] if method == "vpt_deep" else []),
+    ])
+    assert cfg.optimizer.name == "adamw"
+    metrics = train(cfg, run_dir=tmp_path / method)
+    assert metrics["test/acc"] >= 0.7, metrics["test/acc"]  # 4 classes, chance 0.25
