@@ -230,6 +230,7 @@ TASKS = {
     "vit_seg": ["experiment=quickstart", "model=vit_micro"],
     "sam_seg": ["experiment=quickstart", "model=sam_tiny", "model.img_size=64"],
     "vit_shapes": ["experiment=quickstart_classification", "model=vit_micro", "task.data.samples_per_class=8"],
+    "sam_interactive": ["model=sam_tiny", "model.img_size=64", "task=organ_seg_interactive_synthetic"],
 }
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -28,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vpt.atomic import atomic_path, atomic_write_text
+from vpt.cli.arguments import key_value_arguments
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
 from vpt.runs import check_folder_writable
@@ -368,17 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     Args:
         argv: The arguments; ``sys.argv[1:]`` by default.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        sys.exit(0)
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        raise ConfigError(f"Arguments must be key=value pairs, got {bad}; see vpt-compare --help.")
     folders: list[str] = []
     own: dict[str, Optional[str]] = {"output": None, "metric": None}
-    for arg in args:
-        key, value = arg.split("=", 1)
+    for key, value in key_value_arguments(argv, "vpt-compare", __doc__):
         if key not in _OWN_KEYS:
             raise ConfigError(f"Unknown argument {key!r}; vpt-compare takes runs=, output= and metric= (see --help).")
         if key == "runs":

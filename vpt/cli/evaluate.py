@@ -13,7 +13,6 @@ over an existing file.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
 from vpt.cli.console import quiet_console
+from vpt.cli.arguments import key_value_arguments
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
 from vpt.methods import load_trained_weights
@@ -127,21 +127,13 @@ def evaluate(
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point (``vpt-evaluate key=value ...``); returns nothing, since a console
     script exits with what ``main`` returns (call :func:`evaluate` for the metrics)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        sys.exit(0)
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        raise ConfigError(f"Arguments must be key=value pairs, got {bad}; see vpt-evaluate --help.")
     own = {k: None for k in _OWN_KEYS}
     overrides = []
-    for arg in args:
-        key, value = arg.split("=", 1)
+    for key, value in key_value_arguments(argv, "vpt-evaluate", __doc__):
         if key in own:
             own[key] = value
         else:
-            overrides.append(arg)
+            overrides.append(f"{key}={value}")
     quiet_console()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     evaluate(own["run_dir"], own["weights"], own["split"] or "test", own["output"], overrides)
