@@ -401,10 +401,11 @@ def test_label_values_out_of_range_name_the_case(tmp_path: Path) -> None:
     label[1, 2, 2] = 5
     write_case(tmp_path, "bad", label)
     module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0)
-    with pytest.raises(DataError, match=r"case bad holds the value 5 but num_classes is 3; set task.data.num_classes"):
+    with pytest.raises(DataError, match=r"case bad holds the value 5 but only 3 classes are named; name at least 6 classes"):
         module.dataset("train")
-    # Raising num_classes as the message says makes the case usable.
-    fixed = VolumeSegmentationDataModule(tmp_path, num_classes=6, image_size=8, val_fraction=0, test_fraction=0)
+    # Naming six classes, as the message says (here in dataset.json), makes the case usable.
+    write_dataset_json(tmp_path, {"background": 0, "organ": 1, "other": 2, "c3": 3, "c4": 4, "c5": 5})
+    fixed = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0, test_fraction=0)
     assert len(fixed.dataset("train")) >= 1
 
 

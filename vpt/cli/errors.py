@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any, Callable, TypeVar
 
+from omegaconf.errors import MissingMandatoryValue
+
 from vpt.errors import VptError
 
 __all__ = ["one_sentence", "exit_on_user_error"]
@@ -29,7 +31,8 @@ def one_sentence(error: BaseException) -> str:
 
 
 def exit_on_user_error(fn: F) -> F:
-    """Run ``fn``; on a :class:`VptError` print its sentence to stderr and exit with code 2."""
+    """Run ``fn``; on a :class:`VptError` (or a required config value left unset) print one
+    sentence to stderr and exit with code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,8 +40,12 @@ def exit_on_user_error(fn: F) -> F:
             return fn(*args, **kwargs)
         except VptError as error:
             message = one_sentence(error)
-            _logger.debug("user error", exc_info=True)
-            print(f"vpt: error: {message}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        except MissingMandatoryValue as error:
+            # A config value written ??? (e.g. task=volume_seg's data root) that was not given.
+            key = getattr(error, "full_key", None) or "a required value"
+            message = f"{key} must be given; add {key}=... to the command line."
+        _logger.debug("user error", exc_info=True)
+        print(f"vpt: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

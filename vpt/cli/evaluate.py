@@ -4,7 +4,8 @@
     vpt-evaluate weights=prompts.safetensors model.checkpoint=vit_b.npz task.data.root=...
 
 Arguments are ``key=value`` pairs like Hydra overrides. ``run_dir``, ``weights``, ``split``
-(train/val/test) and ``output`` belong to this tool; every other key overrides the run's
+(train/val/test, or all: every labelled case of a segmentation data set, for a folder of
+a few cases) and ``output`` belong to this tool; every other key overrides the run's
 resolved config (for example another data folder or backbone weights path). Results go to
 a new folder ``<run_dir>/evaluation/<split>-<time>/metrics.json`` (or ``output=``), never
 over an existing file.
@@ -18,15 +19,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from vpt.assets import register_resolvers
 from vpt.cli.console import quiet_console
 from vpt.cli.arguments import key_value_arguments
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
+from vpt.inference.loading import config_and_weights as _config_and_weights
 from vpt.methods import load_trained_weights
-from vpt.methods.trained_weights import read_trained_metadata
 from vpt.runs import write_json
 from vpt.training import check_accelerator
 from vpt.tasks import build_task
@@ -38,22 +39,7 @@ register_resolvers()
 _logger = logging.getLogger("vpt.evaluate")
 
 _OWN_KEYS = ("run_dir", "weights", "split", "output")
-_SPLITS = ("train", "val", "test")
-
-
-def _config_and_weights(run_dir: Optional[str], weights: Optional[str]) -> tuple[DictConfig, Path]:
-    if run_dir:
-        folder = Path(run_dir)
-        if not (folder / "config.yaml").is_file():
-            raise ConfigError(f"{folder} is not a finished vpt run (no config.yaml); pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
-        weights_path = Path(weights) if weights else folder / "prompts.safetensors"
-        return OmegaConf.load(folder / "config.yaml"), weights_path
-    if weights:
-        metadata = read_trained_metadata(weights)
-        if not isinstance(metadata.get("config"), dict):
-            raise ConfigError(f"{weights} carries no run config; pass run_dir=<its run folder> instead.")
-        return OmegaConf.create(metadata["config"]), Path(weights)
-    raise ConfigError("Nothing to evaluate; pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
+_SPLITS = ("train", "val", "test", "all")  # all: every labelled case (segmentation)
 
 
 def _warn_if_classes_differ(trained: Any, evaluated: Any, weights_path: Path) -> None:
@@ -84,6 +70,12 @@ def evaluate(
     cfg, weights_path = _config_and_weights(run_dir, weights)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    volume_task = cfg.task.name in ("segmentation", "interactive_segmentation")
+    if split == "all":
+        if not volume_task:
+            raise ConfigError("split=all scores every labelled case of a segmentation data set; for classification pick train, val or test.")
+        # Every case is scored, so nothing needs carving out (a one-case folder is fine).
+        cfg = OmegaConf.merge(cfg, {"task": {"data": {"val_fraction": 0.0, "test_fraction": 0.0}}})
     if output:
         out_dir = Path(output)
     else:
@@ -109,7 +101,7 @@ def evaluate(
     parts.datamodule.prepare_data()
     parts.datamodule.setup("test" if split == "test" else "fit")
     # Segmentation is scored per volume: its test loader yields whole cases.
-    volumes = {"volumes": True} if cfg.task.name in ("segmentation", "interactive_segmentation") else {}
+    volumes = {"volumes": True} if volume_task else {}
     results = trainer.test(parts.module, dataloaders=parts.datamodule.dataloader(split, **volumes), verbose=False)
     metrics = {key.replace("test/", f"{split}/", 1): value for key, value in (results[0] if results else {}).items()}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ from vpt.metrics.segmentation import DEFAULT_NSD_TOLERANCE, metric_definitions, 
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig
 from vpt.tasks.registry import TaskParts, register_task
-from vpt.tasks.segmentation import check_data_folder
+from vpt.tasks.segmentation import plan_segmentation_data
 
 __all__ = [
     "InteractiveSegmentationTask",
@@ -385,8 +385,7 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     prompt = str(task_cfg.get("prompt", "box"))
     if prompt not in PROMPT_KINDS:
         raise ConfigError(f"task.prompt must be one of {PROMPT_KINDS}, got {prompt!r}.")
-    check_data_folder(task_cfg)
-    class_names = list(task_cfg.class_names)
+    class_names = plan_segmentation_data(task_cfg)
     model, data = build_interactive_sam(cfg)
     datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=len(class_names), **data)
     cap = task_cfg.get("max_prompts_per_slice", 4)

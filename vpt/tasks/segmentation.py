@@ -232,6 +232,30 @@ def check_data_folder(task_cfg: DictConfig) -> None:
         )
 
 
+def plan_segmentation_data(task_cfg: DictConfig) -> list[str]:
+    """The class names, and a check that the data folder can give every split a case, before
+    any model is built (a large encoder takes minutes to load; a bad folder should not).
+
+    Class names come from ``task.class_names`` when set, else from the data folder
+    (``dataset.json`` ``labels``, either nnU-Net v2's or MSD's form).
+
+    Raises:
+        DataError: missing folder, no class names anywhere, or too few cases for the splits.
+    """
+    from vpt.data.registry import build_datamodule
+
+    check_data_folder(task_cfg)
+    names = task_cfg.get("class_names")
+    data_cfg = OmegaConf.to_container(task_cfg.data, resolve=True)
+    probe = build_datamodule(data_cfg, num_classes=len(names) if names else None)  # type: ignore[arg-type]
+    if hasattr(probe, "check_split_sizes"):
+        probe.check_split_sizes()
+    if names:
+        return [str(name) for name in names]
+    _logger.info("Classes from %s: %s.", data_cfg.get("root"), ", ".join(probe.class_names))  # type: ignore[union-attr]
+    return list(probe.class_names)
+
+
 @register_task("segmentation")
 def build_segmentation(cfg: DictConfig) -> TaskParts:
     """Encoder (SAM or timm ViT) -> prompts -> decoder -> volume data -> :class:`SegmentationTask`."""
@@ -239,8 +263,7 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
     from vpt.models import build_segmenter
 
     task_cfg = cfg.task
-    check_data_folder(task_cfg)
-    class_names = list(task_cfg.class_names)
+    class_names = plan_segmentation_data(task_cfg)
     num_classes = len(class_names)
     family = cfg.model.get("family", "timm")
     model, data = build_segmenter(cfg, num_classes)

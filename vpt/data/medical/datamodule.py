@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.data.classification import SPLITS
 from vpt.data.medical.io import check_finite, read_npz_slice
-from vpt.data.medical.layouts import LAYOUTS, Case, CaseIndex, find_cases, load_case
+from vpt.data.medical.layouts import LAYOUTS, Case, CaseIndex, dataset_modality, find_cases, load_case
 from vpt.data.medical.phantom import (
     DEFAULT_PHANTOM_SHAPE,
     PHANTOM_CLASS_NAMES,
@@ -50,11 +50,11 @@ from vpt.data.medical.phantom import (
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
 from vpt.data.splits import group_split
-from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set
+from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set, warn_once
 from vpt.data.transforms import to_size
 from vpt.errors import ConfigError, DataError
 
-__all__ = ["VolumeSegmentationDataModule", "SliceDataset", "VolumeDataset", "check_label_values"]
+__all__ = ["VolumeSegmentationDataModule", "SliceDataset", "VolumeDataset", "check_label_values", "binary_mask_as_classes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -84,9 +84,26 @@ def check_label_values(label: np.ndarray, num_classes: int, case_id: str, source
         )
     if high >= num_classes:
         raise DataError(
-            f"Label {source} of case {case_id} holds the value {high} but num_classes is {num_classes}; set "
-            f"task.data.num_classes to at least {high + 1} or fix the labels."
+            f"Label {source} of case {case_id} holds the value {high} but only {num_classes} classes are named; "
+            f"name at least {high + 1} classes (dataset.json 'labels', or task.class_names=[...]) or fix the labels."
         )
+
+
+def binary_mask_as_classes(label: np.ndarray, num_classes: int, case_id: str, source: Path | str | None) -> np.ndarray:
+    """Read a binary mask stored as 0/255 (a common image-editor export) as 0/1.
+
+    Only for two-class data whose labels hold exactly the values 0 and 255; anything else is
+    returned unchanged (and :func:`check_label_values` judges it).
+
+    Returns:
+        ``label`` with 255 replaced by 1, or ``label`` itself.
+    """
+    if num_classes != 2 or label.size == 0 or int(label.max()) != 255:
+        return label
+    if not np.isin(label, (0, 255)).all():
+        return label
+    warn_once(_logger, "Binary masks stored as 0/255 (first seen: case %s, %s) are read as 0/1.", case_id, source)
+    return (label == 255).astype(label.dtype)
 
 
 def _mask_dtype(num_classes: int) -> type[np.integer]:
@@ -221,6 +238,7 @@ class VolumeDataset(Dataset):
         case = self.cases[index]
         arrays = load_case(case)
         assert arrays.image is not None and arrays.label is not None, "evaluation cases are labelled"
+        arrays.label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
         check_label_values(arrays.label, self.num_classes, case.case_id, case.label)
         unit = self.to_unit(arrays.image, case)
         slices = [
@@ -263,7 +281,9 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         mean: Backbone normalisation mean per RGB channel, in [0, 1] units.
         std: Backbone normalisation standard deviation per RGB channel, in [0, 1] units.
         window: CT window ``(low, high)`` in HU applied to raw volumes; ``None`` scales each
-            volume by its percentiles (non-CT). Not applied to data already in [0, 1].
+            volume by its percentiles (non-CT); ``"auto"`` picks by ``dataset.json``'s
+            modality (CT: the abdomen window, else percentiles). Not applied to data already
+            in [0, 1].
         batch_size: Training batch size (slices).
         eval_batch_size: Validation batch size (slices); ``None`` uses ``batch_size``.
         num_workers: Loader worker processes; 0 loads in the main process, ``None`` (or
@@ -289,7 +309,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         image_size: int | Sequence[int] = 1024,
         mean: Sequence[float] = _IMAGENET_MEAN,
         std: Sequence[float] = _IMAGENET_STD,
-        window: Sequence[float] | None = ABDOMEN_WINDOW,
+        window: Sequence[float] | str | None = ABDOMEN_WINDOW,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int | str | None = 0,
@@ -322,7 +342,10 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             raise ConfigError(f"empty_slice_fraction={empty_slice_fraction} is not valid; use a value in [0, 1].")
         if slices_per_volume is not None and slices_per_volume < 1:
             raise ConfigError(f"slices_per_volume={slices_per_volume} is not valid; use 1 or more, or null for all.")
-        if window is not None:
+        if isinstance(window, str):
+            if window != "auto":
+                raise ConfigError(f"task.data.window={window!r} is not valid; use [low, high] in HU, null, or auto.")
+        elif window is not None:
             window = tuple(float(value) for value in window)
             if len(window) != 2 or not window[0] < window[1]:
                 raise ConfigError(
@@ -444,32 +467,71 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             " (official test split)" if index.test else "", self.seed,
         )
 
+    def check_split_sizes(self) -> None:
+        """Refuse a data set with too few cases for the requested splits, before any training.
+
+        Raises:
+            DataError: no training case, or no case for a validation / test split that the
+                fractions ask for; the message says how many cases there are and what to change.
+        """
+        self.setup()
+        assert self._split_cases is not None
+        counts = {name: len(cases) for name, cases in self._split_cases.items()}
+        wanted = {"train": True, "val": self.val_fraction > 0, "test": self.test_fraction > 0 or bool(self.case_index().test)}
+        empty = [name for name in SPLITS if wanted[name] and counts[name] == 0]
+        if empty:
+            total = len(self.case_index().cases)
+            raise DataError(
+                f"{self.root} has {total} labelled training case(s), too few for a {'/'.join(empty)} split "
+                f"(task.data.val_fraction={self.val_fraction}, task.data.test_fraction={self.test_fraction} gave "
+                f"train {counts['train']}, val {counts['val']}, test {counts['test']}); add cases, or raise the fractions "
+                "so each split gets at least one case (to only score a model on a few cases, use vpt-evaluate split=all)."
+            )
+
     def cases(self, split: str) -> list[Case]:
         """The cases of one split after ``setup()``.
 
         Args:
-            split: ``"train"``, ``"val"`` or ``"test"``.
+            split: ``"train"``, ``"val"``, ``"test"``, or ``"all"`` (every labelled case).
 
         Returns:
             The split's cases, sorted by case id.
         """
+        if split == "all":  # every labelled case, for scoring a model on a folder of cases
+            index = self.case_index()
+            return sorted([*index.cases, *index.test], key=lambda case: case.case_id)
         if split not in SPLITS:
-            raise ConfigError(f"Split {split!r} does not exist; use one of {', '.join(SPLITS)}.")
+            raise ConfigError(f"Split {split!r} does not exist; use one of {', '.join(SPLITS)} (or all).")
         self.setup()
         assert self._split_cases is not None
         return list(self._split_cases[split])
 
     # -- intensities and slices -----------------------------------------------------------
 
+    def resolved_window(self) -> tuple[float, float] | None:
+        """The CT window in use: ``window`` as configured, or for ``"auto"`` the abdomen window
+        when ``dataset.json`` says the first channel is CT and ``None`` (per-volume percentile
+        scaling) for every other modality (MR, ultrasound, ...) or when it does not say."""
+        if self.window != "auto":
+            return self.window  # type: ignore[return-value]
+        modality = dataset_modality(self.root)
+        if modality is not None and modality.strip().upper() == "CT":
+            _logger.info("%s: dataset.json says CT; windowing to %s HU (set task.data.window to change).", self.root, ABDOMEN_WINDOW)
+            return ABDOMEN_WINDOW
+        _logger.info(
+            "%s: dataset.json says %s; scaling each volume by its 0.5/99.5 percentiles (task.data.window=[low,high] "
+            "to window instead).", self.root, modality or "no modality",
+        )
+        return None
+
     def _intensity(self) -> _UnitIntensity:
         """The rule that maps this data set's images to [0, 1]."""
         if self._unit_intensity is None:
             intensity = self.case_index().intensity
-            if intensity == "unit" and self.window is not None:
-                _logger.info(
-                    "%s images are already in [0, 1]; the CT window %s is not applied.", self.root, self.window
-                )
-            self._unit_intensity = _UnitIntensity(intensity, self.window)
+            window = self.resolved_window()
+            if intensity == "unit" and window is not None:
+                _logger.info("%s images are already in [0, 1]; the CT window %s is not applied.", self.root, window)
+            self._unit_intensity = _UnitIntensity(intensity, window)
         return self._unit_intensity
 
     def _select_slices(self, foreground: np.ndarray, case_id: str) -> np.ndarray:
@@ -514,6 +576,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 continue
             arrays = load_case(case)
             assert arrays.image is not None and arrays.label is not None, "training cases are labelled"
+            arrays.label = binary_mask_as_classes(arrays.label, num_classes, case.case_id, case.label)
             check_label_values(arrays.label, num_classes, case.case_id, case.label)
             positions = self._select_slices(arrays.label.reshape(len(arrays.label), -1).any(axis=1), case.case_id)
             # Scaled as a whole volume (percentile scaling must match the test volumes'), then only
@@ -562,7 +625,8 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 if split == "test" or case.kind == "synapse_slices":
                     arrays = load_case(case)
                     if arrays.label is not None:
-                        check_label_values(arrays.label, self.num_classes, case.case_id, case.label)
+                        label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
+                        check_label_values(label, self.num_classes, case.case_id, case.label)
             checked += len(cases)
         _logger.info("%s: checked %d cases of the %s split(s).", self.root, checked, "/".join(splits))
         return checked

@@ -292,6 +292,26 @@ def class_names_from_dataset_json(path: str | Path) -> tuple[str, ...]:
     return tuple(by_index.get(index, f"class_{index}") for index in range(size))
 
 
+def dataset_modality(root: str | Path) -> str | None:
+    """The first channel's modality from ``dataset.json`` (``"CT"``, ``"MRI"``, ``"T2"`` ...).
+
+    nnU-Net v2 writes ``"channel_names": {"0": "CT"}``, the Medical Segmentation Decathlon
+    ``"modality": {"0": "CT"}``. ``None`` when the folder has no such entry.
+    """
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # class_names_from_dataset_json reports a broken file
+    channels = (data.get("channel_names") or data.get("modality")) if isinstance(data, dict) else None
+    if not isinstance(channels, dict) or not channels:
+        return None
+    first = channels.get("0", channels.get(0, next(iter(channels.values()))))
+    return str(first) if first is not None else None
+
+
 def _find_nnunet(root: Path) -> CaseIndex:
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():

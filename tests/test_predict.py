@@ -1,0 +1,298 @@
+"""vpt-predict: unlabelled volumes, DICOM series and 2D images in, outputs on the input's grid out."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tests.test_training import compose_config, run_cli
+from vpt.cli.train import train
+from vpt.data.classification import read_rgb
+from vpt.data.medical.io import read_volume
+from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
+from vpt.data.medical.windowing import window_ct
+from vpt.data.synthetic_shapes import generate_shapes
+from vpt.data.transforms import build_transforms
+from vpt.errors import ConfigError, DataError
+from vpt.inference import PREDICTIONS_CSV, LoadedRun, load_run, predict
+
+# The phantom crop every volume test uses: few slices (fast), and three different sides so a
+# transposed axis cannot pass.
+_CROP = (slice(12, 20), slice(8, 88), slice(None))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A finished segmentation run (CT phantoms) and a classification run, trained in-process."""
+    tmp = tmp_path_factory.mktemp("predict_runs")
+    seg = compose_config([
+        "experiment=quickstart", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "num_preview_images=0",
+        f"task.data.root={tmp / 'phantoms'}",
+    ])
+    train(seg, run_dir=tmp / "seg")
+    cls = compose_config([
+        "experiment=quickstart_classification", "trainer.max_epochs=1", "task.data.samples_per_class=8",
+        "num_preview_images=0", "trainer.enable_progress_bar=false",
+    ])
+    train(cls, run_dir=tmp / "cls")
+    return {"seg": tmp / "seg", "cls": tmp / "cls", "phantoms": tmp / "phantoms"}
+
+
+@pytest.fixture(scope="module")
+def seg_run(runs) -> LoadedRun:
+    return load_run(run_dir=runs["seg"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom(runs) -> np.ndarray:
+    """A cropped phantom CT, float32 HU (z, y, x) = (8, 80, 96)."""
+    path = sorted((runs["phantoms"] / "imagesTr").glob("*_0000.nii.gz"))[0]
+    return np.ascontiguousarray(read_volume(path)[0][_CROP])
+
+
+def _reference_slices(run: LoadedRun, volume: np.ndarray) -> torch.Tensor:
+    """The run's test-time preprocessing written out plainly: CT window, resize, normalise."""
+    datamodule = run.parts.datamodule
+    unit = window_ct(volume, *datamodule.window)
+    transform = build_segmentation_transforms(datamodule.image_size, train=False)
+    return torch.stack([to_model_input(transform(image=s)["image"], datamodule.mean, datamodule.std) for s in unit])
+
+
+def _reference_labels(run: LoadedRun, volume: np.ndarray) -> np.ndarray:
+    return run.parts.module.predict_volume(_reference_slices(run, volume), volume.shape[1:]).numpy()
+
+
+@torch.no_grad()
+def _reference_probabilities(run: LoadedRun, volume: np.ndarray) -> np.ndarray:
+    """(z, y, x, C) softmax of the logits resized to the slice size."""
+    logits = run.parts.model(_reference_slices(run, volume))
+    resized = F.interpolate(logits.float(), size=volume.shape[1:], mode="bilinear", align_corners=False)
+    return resized.softmax(dim=1).permute(0, 2, 3, 1).numpy()
+
+
+def _rotation(x_deg: float, y_deg: float, z_deg: float) -> np.ndarray:
+    a, b, c = np.deg2rad([x_deg, y_deg, z_deg])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _itk_volume(volume: np.ndarray, path: Path) -> sitk.Image:
+    """Write a (z, y, x) volume with an oblique direction and a shifted origin."""
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((-31.5, 17.25, 104.0))
+    image.SetDirection(tuple(_rotation(10, -5, 25).ravel()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return image
+
+
+def _assert_same_grid(written: sitk.Image, reference: sitk.Image) -> None:
+    assert written.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+
+
+def test_oblique_shifted_nifti_aligns_voxel_for_voxel(runs, seg_run, phantom, tmp_path) -> None:
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(20, -15, 30) @ np.diag([0.7, 0.8, 2.5])
+    affine[:3, 3] = [12.5, -40.25, 7.0]
+    source = nib.Nifti1Image(np.ascontiguousarray(phantom.transpose(2, 1, 0)), affine)
+    source.set_qform(affine, code=1)
+    source.set_sform(affine, code=1)
+    scan = tmp_path / "in" / "oblique.nii.gz"
+    scan.parent.mkdir()
+    nib.save(source, str(scan))
+
+    written = predict(scan, tmp_path / "out", run_dir=runs["seg"], device="cpu", save_probabilities=True)
+    mask_path, probability_path = tmp_path / "out" / "oblique.nii.gz", tmp_path / "out" / "oblique_probabilities.nii.gz"
+    assert set(written) == {mask_path, probability_path}
+
+    # The header: same grid, same qform and sform (never a rebuilt diagonal affine).
+    original, mask = nib.load(str(scan)), nib.load(str(mask_path))
+    assert mask.shape == original.shape
+    np.testing.assert_allclose(mask.affine, original.affine, atol=1e-5)
+    np.testing.assert_allclose(mask.get_qform(), original.get_qform(), atol=1e-5)
+    np.testing.assert_allclose(mask.get_sform(), original.get_sform(), atol=1e-5)
+    np.testing.assert_allclose(mask.header.get_zooms(), original.header.get_zooms(), atol=1e-6)
+    _assert_same_grid(sitk.ReadImage(str(mask_path)), sitk.ReadImage(str(scan)))
+    assert mask.get_data_dtype() == np.uint8
+
+    # The voxels: the labels testing would give, at the same (z, y, x) positions.
+    labels = np.asarray(mask.dataobj).transpose(2, 1, 0)
+    expected = _reference_labels(seg_run, read_volume(scan)[0])
+    assert len(np.unique(expected)) > 1, "a constant prediction would not show a misalignment"
+    np.testing.assert_array_equal(labels, expected)
+
+    # Probabilities: a vector image on the same grid, summing to 1, whose argmax is the mask.
+    probability_image = sitk.ReadImage(str(probability_path))
+    _assert_same_grid(probability_image, sitk.ReadImage(str(scan)))
+    probabilities = sitk.GetArrayFromImage(probability_image)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (*labels.shape, len(seg_run.class_names))
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
+    chosen = np.take_along_axis(probabilities, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+    np.testing.assert_array_equal(chosen, probabilities.max(axis=-1))  # ties aside, argmax == mask
+    np.testing.assert_allclose(probabilities, _reference_probabilities(seg_run, read_volume(scan)[0]), atol=1e-5)
+
+
+def test_folder_of_volumes_keeps_each_format(runs, seg_run, phantom, tmp_path) -> None:
+    folder = tmp_path / "in"
+    inputs = {"case_a.nrrd": _itk_volume(phantom, folder / "case_a.nrrd"),
+              "case_b.mha": _itk_volume(phantom[:5], folder / "case_b.mha")}
+    predict(folder, tmp_path / "out", run_dir=runs["seg"], device="cpu", batch_size=3, progress=False)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["case_a.nrrd", "case_b.mha"]
+    for name, image in inputs.items():
+        written = sitk.ReadImage(str(tmp_path / "out" / name))
+        _assert_same_grid(written, image)
+        expected = _reference_labels(seg_run, sitk.GetArrayFromImage(image).astype(np.float32))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected)
+
+
+def _write_dicom_series(volume: np.ndarray, folder: Path) -> sitk.Image:
+    """A CT series of 2D DICOM slices with position, orientation and spacing tags."""
+    image = sitk.GetImageFromArray(volume.astype(np.int16))
+    image.SetSpacing((0.8, 0.8, 2.5))
+    image.SetOrigin((-30.0, 12.0, 100.0))
+    direction = _rotation(0, 0, 17)
+    image.SetDirection(tuple(direction.ravel()))
+    folder.mkdir(parents=True)
+    series = "1.2.826.0.1.3680043.2.1125.9.4242"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    # DICOM's orientation lists the row then the column direction cosines (ITK's columns).
+    orientation = "\\".join(f"{value:.10f}" for value in (*direction[:, 0], *direction[:, 1]))
+    for index in range(image.GetDepth()):
+        piece = image[:, :, index]
+        tags = {
+            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{series}.{index + 1}",
+            "0020|000d": f"{series}.0", "0020|000e": series, "0020|0013": str(index + 1),
+            "0020|0037": orientation,
+            "0020|0032": "\\".join(f"{value:.10f}" for value in image.TransformIndexToPhysicalPoint((0, 0, index))),
+            "0028|0030": "0.8\\0.8", "0018|0050": "2.5", "0028|1052": "0", "0028|1053": "1",
+        }
+        for key, value in tags.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{index:03d}.dcm"))
+        writer.Execute(piece)
+    return image
+
+
+def test_dicom_series_gives_a_nifti_mask_with_the_series_geometry(runs, seg_run, phantom, tmp_path) -> None:
+    volume = np.clip(phantom[:, :64, :64], -1024, 3000)
+    image = _write_dicom_series(volume, tmp_path / "series_7")
+    predict(tmp_path / "series_7", tmp_path / "out", run_dir=runs["seg"], device="cpu", progress=False)
+    written = sitk.ReadImage(str(tmp_path / "out" / "series_7.nii.gz"))
+    _assert_same_grid(written, image)
+    expected = _reference_labels(seg_run, volume.astype(np.int16).astype(np.float32))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected)
+
+
+def test_2d_images_give_mask_and_overlay_pngs(runs, seg_run, phantom, tmp_path) -> None:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    grey = (window_ct(phantom[4], -125, 275) * 255).astype(np.uint8)  # (80, 96)
+    Image.fromarray(grey).save(folder / "grey.png")
+    colour = np.stack([grey[:70, :50], grey[5:75, 10:60], grey[10:80, 20:70]], axis=-1)  # (70, 50, 3)
+    Image.fromarray(colour).save(folder / "colour.png")
+    predict(folder, tmp_path / "out", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    datamodule = seg_run.parts.datamodule
+    transform = build_segmentation_transforms(datamodule.image_size, train=False)
+    for name, picture in (("grey", grey), ("colour", colour)):
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
+        overlay = np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.png"))
+        assert mask.dtype == np.uint8 and mask.shape == picture.shape[:2]
+        assert overlay.shape == (*picture.shape[:2], 3)
+        unit = read_rgb(folder / f"{name}.png").astype(np.float32) / 255.0
+        unit = unit[..., 0] if name == "grey" else unit
+        slices = to_model_input(transform(image=unit)["image"], datamodule.mean, datamodule.std)[None]
+        expected = seg_run.parts.module.predict_volume(slices, picture.shape[:2])[0].numpy()
+        np.testing.assert_array_equal(mask, expected)
+        with np.load(tmp_path / "out" / f"{name}_probabilities.npz") as stored:
+            probabilities = stored["probabilities"]
+        np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
+        chosen = np.take_along_axis(probabilities, mask[..., None].astype(np.int64), axis=-1)[..., 0]
+        np.testing.assert_array_equal(chosen, probabilities.max(axis=-1))
+
+
+def test_classification_writes_a_csv_of_probabilities(runs, tmp_path) -> None:
+    images, _ = generate_shapes(num_classes=4, samples_per_class=1, size=32, seed=5)
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"shape_{index}.png")
+    written = predict(folder, tmp_path / "out", run_dir=runs["cls"], device="cpu", batch_size=3, progress=False)
+    assert written == [tmp_path / "out" / PREDICTIONS_CSV]
+    with open(written[0], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+
+    run = load_run(run_dir=runs["cls"], device="cpu")
+    datamodule = run.parts.datamodule
+    transform = build_transforms(datamodule.image_size, datamodule.mean, datamodule.std, train=False)
+    assert len(rows) == len(images)
+    assert list(rows[0]) == ["path", "predicted", *run.class_names]
+    for row in rows:
+        probabilities = np.array([float(row[name]) for name in run.class_names])
+        assert abs(probabilities.sum() - 1.0) < 1e-5
+        with torch.no_grad():
+            logits = run.parts.model(transform(image=read_rgb(row["path"]))["image"][None])
+        assert row["predicted"] == run.class_names[int(logits.argmax())]
+        assert int(probabilities.argmax()) == int(logits.argmax())
+
+
+def test_an_existing_output_is_never_overwritten(runs, phantom, tmp_path) -> None:
+    scan = tmp_path / "in" / "case.nii.gz"
+    _itk_volume(phantom, scan)
+    taken = tmp_path / "out" / "case.nii.gz"
+    taken.parent.mkdir()
+    taken.write_bytes(b"an earlier result")
+    with pytest.raises(ConfigError, match=r"case\.nii\.gz already exists.*output="):
+        predict(scan, tmp_path / "out", run_dir=runs["seg"], device="cpu", save_probabilities=True)
+    assert taken.read_bytes() == b"an earlier result"
+    assert sorted(path.name for path in taken.parent.iterdir()) == ["case.nii.gz"]  # no probabilities either
+
+
+def test_inputs_that_cannot_work_are_one_sentence(runs, tmp_path) -> None:
+    with pytest.raises(DataError, match="does not exist; pass input="):
+        predict(tmp_path / "missing", tmp_path / "out", run_dir=runs["seg"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no volumes"):
+        predict(tmp_path / "empty", tmp_path / "out", run_dir=runs["seg"])
+    (tmp_path / "two").mkdir()
+    for name in ("a.png", "a.jpg"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "two" / name)
+    with pytest.raises(DataError, match="would both write"):
+        predict(tmp_path / "two", tmp_path / "out", run_dir=runs["seg"])
+    with pytest.raises(DataError, match="classifies 2D images"):
+        predict(runs["phantoms"] / "imagesTr", tmp_path / "out", run_dir=runs["cls"])
+    with pytest.raises(ConfigError, match="device=cuda:99"):
+        predict(tmp_path / "two" / "a.png", tmp_path / "out", run_dir=runs["seg"], device="cuda:99")
+
+
+def test_cli_predicts_and_reports_a_missing_input_in_one_line(runs, phantom, tmp_path) -> None:
+    scan = tmp_path / "in" / "small.mha"
+    image = _itk_volume(phantom[:3], scan)
+    ok = run_cli([f"run_dir={runs['seg']}", f"input={scan}", f"output={tmp_path / 'out'}", "device=cpu"],
+                 cwd=tmp_path, script="scripts/predict.py")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "Traceback" not in ok.stderr
+    _assert_same_grid(sitk.ReadImage(str(tmp_path / "out" / "small.mha")), image)
+
+    missing = run_cli([f"run_dir={runs['seg']}", f"input={tmp_path / 'nowhere'}", f"output={tmp_path / 'out2'}"],
+                      cwd=tmp_path, script="scripts/predict.py")
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("vpt: error:")]
+    assert len(errors) == 1 and "nowhere does not exist" in errors[0], missing.stderr
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,239 @@
+"""Predict with a finished run on unlabelled data: volumes, DICOM series, 2D images.
+
+What is written to the output folder, per input (see :mod:`vpt.inference.inputs` for what
+an input can be):
+
+- segmentation, a volume ``<name><ext>``: the label volume ``<name><ext>`` in the same
+  format (``.nii.gz`` stays ``.nii.gz``) on the input's exact grid (size, spacing, origin
+  and direction copied from the input image); with ``save_probabilities`` also
+  ``<name>_probabilities<ext>``, a float32 vector image of the same geometry whose voxel
+  holds the C class probabilities (``sitk.GetArrayFromImage`` gives ``(z, y, x, C)``);
+- segmentation, a DICOM series folder ``<folder>``: the same as ``<folder>.nii.gz``;
+- segmentation, a 2D image ``<name>.<ext>``: ``<name>_mask.png`` (class indices, 8-bit),
+  ``<name>_overlay.png`` (the classes in colour over the image); with
+  ``save_probabilities`` also ``<name>_probabilities.npz`` (``probabilities``, float32
+  ``(H, W, C)``);
+- classification: one ``predictions.csv`` with columns ``path``, ``predicted`` and one
+  probability column per class name.
+
+Every planned file is checked before the model is built; none may exist (and none is ever
+replaced), and no two inputs may map to one output.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, TypeVar
+
+from tqdm import tqdm
+
+from vpt.data.classification import read_rgb
+from vpt.errors import ConfigError, DataError
+from vpt.inference.classification import ImageClassifier
+from vpt.inference.images import write_mask_png, write_overlay_png, write_probability_npz
+from vpt.inference.inputs import PredictionInput, find_inputs
+from vpt.inference.loading import LoadedRun, rebuild_run, run_config
+from vpt.inference.outputs import check_outputs_free, write_new_files
+from vpt.inference.segmentation import SegmentationPreprocessing, SlicePredictor
+from vpt.inference.volumes import (
+    read_input_volume,
+    volume_array,
+    volume_output_files,
+    write_label_volume,
+    write_probability_volume,
+)
+from vpt.runs import check_folder_writable
+
+__all__ = ["predict", "PREDICTIONS_CSV"]
+
+_logger = logging.getLogger(__name__)
+
+PREDICTIONS_CSV = "predictions.csv"
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Outputs:
+    """The files one input will write; ``mask`` first, then the rest in writing order."""
+
+    mask: Path
+    overlay: Optional[Path] = None
+    probabilities: Optional[Path] = None
+    all_files: list[Path] = field(default_factory=list)
+
+
+def _plan_segmentation(item: PredictionInput, out_dir: Path, probabilities: bool) -> _Outputs:
+    if item.kind == "image":
+        plan = _Outputs(out_dir / f"{item.name}_mask.png", out_dir / f"{item.name}_overlay.png")
+        if probabilities:
+            plan.probabilities = out_dir / f"{item.name}_probabilities.npz"
+        plan.all_files = [path for path in (plan.mask, plan.overlay, plan.probabilities) if path is not None]
+        return plan
+    plan = _Outputs(out_dir / f"{item.name}{item.suffix}")
+    plan.all_files = volume_output_files(plan.mask)
+    if probabilities:
+        plan.probabilities = out_dir / f"{item.name}_probabilities{item.suffix}"
+        plan.all_files += volume_output_files(plan.probabilities)
+    return plan
+
+
+def _check_distinct(plans: dict[PredictionInput, _Outputs]) -> None:
+    """Two inputs that would write one file (``a.png`` and ``a.jpg``) stop the run up front."""
+    owner: dict[Path, PredictionInput] = {}
+    for item, plan in plans.items():
+        for path in plan.all_files:
+            if path in owner:
+                raise DataError(
+                    f"Inputs {owner[path].path} and {item.path} would both write {path}; rename one of them "
+                    "or predict them into separate output folders."
+                )
+            owner[path] = item
+
+
+def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _bar(progress: Optional[bool], **options: Any) -> tqdm:
+    # disable=None lets tqdm show the bar only on a terminal.
+    return tqdm(disable=None if progress is None else not progress, dynamic_ncols=True, **options)
+
+
+def _segment(
+    run: LoadedRun,
+    plans: dict[PredictionInput, _Outputs],
+    batch_size: int,
+    save_probabilities: bool,
+    progress: Optional[bool],
+) -> list[Path]:
+    preprocessing = SegmentationPreprocessing.from_datamodule(run.parts.datamodule)
+    predictor = SlicePredictor(run.parts.model, run.device, batch_size, run.autocast)
+    volumes = [item for item in plans if item.kind != "image"]
+    images = [item for item in plans if item.kind == "image"]
+    written: list[Path] = []
+    with _bar(progress, total=len(plans), desc="cases", unit="case") as cases:
+        for item in volumes:
+            plan = plans[item]
+            image = read_input_volume(item)
+            unit = preprocessing.unit_volume(volume_array(image, item), item.name, str(item.path))
+            with _bar(progress, total=unit.shape[0], desc=item.name, unit="slice", leave=False) as slices:
+                labels, scores = predictor.predict_volume(unit, preprocessing, save_probabilities, slices.update)
+            written += write_label_volume(labels, image, plan.mask)
+            if scores is not None and plan.probabilities is not None:
+                written += write_probability_volume(scores, image, plan.probabilities)
+            cases.update(1)
+        # 2D images of any sizes share forward passes; each is resized back to its own size.
+        for chunk in _batches(images, batch_size):
+            pictures = [read_rgb(item.path) for item in chunk]
+            results = predictor.predict_images(
+                [preprocessing.unit_image(rgb) for rgb in pictures], preprocessing, save_probabilities
+            )
+            for item, rgb, (labels, scores) in zip(chunk, pictures, results):
+                plan = plans[item]
+                assert plan.overlay is not None
+                written += write_mask_png(labels, plan.mask)
+                written += write_overlay_png(rgb, labels, plan.overlay)
+                if scores is not None and plan.probabilities is not None:
+                    written += write_probability_npz(scores, plan.probabilities)
+            cases.update(len(chunk))
+    return written
+
+
+def _classify(
+    run: LoadedRun, items: Sequence[PredictionInput], csv_path: Path, batch_size: int, progress: Optional[bool]
+) -> list[Path]:
+    datamodule = run.parts.datamodule
+    classifier = ImageClassifier(
+        run.parts.model, run.device, tuple(datamodule.image_size), datamodule.mean, datamodule.std, run.autocast
+    )
+    rows: list[list[Any]] = []
+    with _bar(progress, total=len(items), desc="images", unit="image") as bar:
+        for chunk in _batches(items, batch_size):
+            probabilities = classifier.probabilities([item.path for item in chunk])
+            if probabilities.shape[1] != len(run.class_names):
+                raise ConfigError(
+                    f"The model predicts {probabilities.shape[1]} classes but {len(run.class_names)} are named; "
+                    "rebuild it with the run's own task.data settings."
+                )
+            for item, row in zip(chunk, probabilities):
+                rows.append([str(item.path), run.class_names[int(row.argmax())], *(repr(float(p)) for p in row)])
+            bar.update(len(chunk))
+
+    def write(target: Path) -> None:
+        with open(target, "w", newline="", encoding="utf-8") as handle:
+            table = csv.writer(handle)
+            table.writerow(["path", "predicted", *run.class_names])
+            table.writerows(rows)
+
+    return write_new_files(csv_path, write)
+
+
+def predict(
+    input_path: str | Path,
+    output_dir: Optional[str | Path],
+    run_dir: Optional[str | Path] = None,
+    weights: Optional[str | Path] = None,
+    overrides: Sequence[str] = (),
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+    save_probabilities: bool = False,
+    progress: Optional[bool] = None,
+) -> list[Path]:
+    """Predict every input with a finished run and write the results (see the module docstring).
+
+    Args:
+        input_path: A volume or image file, a folder of them, or a DICOM series folder.
+        output_dir: The folder for the results (created; existing files are never replaced).
+        run_dir: A finished run folder.
+        weights: A trained-weights file (with ``run_dir``: instead of its own; alone: its
+            stored config is used).
+        overrides: ``key=value`` changes to the run's config (``model.checkpoint=...``).
+        batch_size: Slices (or images) per forward pass; ``None`` uses the run's
+            evaluation batch size.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``; ``None`` picks CUDA when available.
+        save_probabilities: Also write class probabilities (segmentation).
+        progress: Show progress bars; ``None`` shows them on a terminal only.
+
+    Returns:
+        The files written.
+
+    Raises:
+        VptError: A missing or unusable input, an existing output, a run that cannot
+            predict, weights that do not fit, a bad device (one sentence each, before
+            anything is written where it can be known up front).
+    """
+    if not output_dir:
+        raise ConfigError("No output folder given; pass output=<folder> for the predictions.")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} is not valid; use 1 or more.")
+    out_dir = Path(output_dir).expanduser()
+    cfg, weights_path = run_config(run_dir, weights, overrides)
+    items = find_inputs(input_path)
+    task = str(cfg.task.name)
+    check_folder_writable(out_dir, "output")
+    if task == "classification":
+        not_images = [item.path for item in items if item.kind != "image"]
+        if not_images:
+            raise DataError(
+                f"{not_images[0]} is a volume, but {run_dir or weights_path} classifies 2D images; "
+                "pass input=<an image or a folder of images>."
+            )
+        csv_path = out_dir / PREDICTIONS_CSV
+        check_outputs_free([csv_path])
+        run = rebuild_run(cfg, weights_path, device)
+        size = batch_size or int(getattr(run.parts.datamodule, "eval_batch_size", 32))
+        written = _classify(run, items, csv_path, size, progress)
+    else:
+        plans = {item: _plan_segmentation(item, out_dir, save_probabilities) for item in items}
+        _check_distinct(plans)
+        check_outputs_free([path for plan in plans.values() for path in plan.all_files])
+        run = rebuild_run(cfg, weights_path, device)
+        size = batch_size or int(getattr(run.parts.module, "eval_batch_size", 16))
+        written = _segment(run, plans, size, save_probabilities, progress)
+    _logger.info("Predicted %d input(s) with %s; wrote %d file(s) to %s.", len(items), weights_path, len(written), out_dir)
+    return written
