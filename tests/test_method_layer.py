@@ -293,3 +293,45 @@ def test_readme_sweep_runs_every_method_with_shared_keys(tmp_path: Path) -> None
     assert sorted(m.name for m in runs) == ["linear", "linear", "lora", "lora", "vpt_deep", "vpt_deep"]
     assert sorted(m.num_tokens for m in runs if m.name == "vpt_deep") == [2, 4]
     assert "ignores the options ['num_tokens']" in result.stdout + result.stderr
+
+
+def test_a_second_method_on_the_same_encoder_is_refused() -> None:
+    vit = make_tiny_vit()
+    apply_method(vit, "lora")
+    with pytest.raises(ConfigError, match="already adapted"):
+        apply_method(vit, "vpt_deep", num_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["timm", "sam"])
+def test_prompts_see_the_lora_update(family: str) -> None:
+    """Deep prompts around a LoRA'd encoder give what they give around the merged weights
+    (the key/value shortcut must not read the bare qkv weight)."""
+    import copy
+
+    from vpt.prompts import PromptedSamEncoder, PromptedViT
+
+    encoder = make_tiny_vit() if family == "timm" else tiny_sam_encoder()
+    images = torch.randn(2, 3, 32, 32) if family == "timm" else torch.randn(1, 3, 64, 64)
+    adapted = apply_method(encoder, "lora", targets=["q", "v"])
+    _randomise_lora(adapted)
+    merged = merge_lora(copy.deepcopy(adapted))
+    wrap = (lambda m: PromptedViT(m.vit, 2, deep=True)) if family == "timm" else (lambda m: PromptedSamEncoder(m.image_encoder, 2, deep=True))
+    torch.manual_seed(3)
+    with_lora = wrap(adapted).eval()
+    torch.manual_seed(3)
+    with_merged = wrap(merged).eval()
+    with torch.no_grad():
+        out_lora = with_lora.forward_features(images) if family == "timm" else with_lora(images)
+        out_merged = with_merged.forward_features(images) if family == "timm" else with_merged(images)
+    torch.testing.assert_close(out_lora, out_merged, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_targets_as_one_word_mean_that_layer() -> None:
+    assert method_config("lora", targets="qkv").targets == ["qkv"]
+
+
+def test_merged_lora_weights_say_they_are_merged(tmp_path: Path) -> None:
+    model = build_method("lora", make_tiny_vit(), CLASSES)
+    path = save_trained_weights(merge_lora(model), tmp_path / "merged.safetensors")
+    with pytest.raises(CheckpointError, match="method=lora_merged"):
+        load_trained_weights(build_method("lora", make_tiny_vit(), CLASSES), path)

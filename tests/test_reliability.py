@@ -138,6 +138,26 @@ def test_interrupt_saves_last_at_the_interrupted_step_and_resume_continues_there
     assert resumed["steps"] == 12 and resumed["resumed_from"]["step"] == 6
 
 
+def test_last_checkpoint_every_epoch_even_when_validation_is_sparse(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sparse"
+    with pytest.raises(Crash):  # 4 steps per epoch; validation only after epochs 2, 4 ...
+        train(compose_config([*RESUMABLE, "+trainer.check_val_every_n_epoch=2", "+callbacks.stop_at.step=5"]), run_dir=run_dir)
+    assert load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_resuming_with_another_optimiser_is_refused(finished_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="optimizer.name=adamw"):
+        train(compose_config([*RESUMABLE, "optimizer.name=sgd", f"ckpt_path={finished_checkpoint}"]), run_dir=tmp_path / "r")
+
+
+def test_sweep_options_of_other_methods_do_not_block_resuming(tmp_path: Path) -> None:
+    first = tmp_path / "lora"
+    train(compose_config([*RESUMABLE, "trainer.max_epochs=1", "method=lora", "++method.num_tokens=10"]), run_dir=first)
+    resumed = train(compose_config([*RESUMABLE, "trainer.max_epochs=2", "method=lora",
+                                    f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"]), run_dir=tmp_path / "more")
+    assert resumed["steps"] == 8
+
+
 def test_extending_a_run_rebuilds_the_schedule(tmp_path: Path) -> None:
     short = [*RESUMABLE, "trainer.max_epochs=2", "callbacks.lr_monitor.logging_interval=step"]
     first = tmp_path / "two"
@@ -375,9 +395,9 @@ def test_run_files_share_the_folders_permissions(uninterrupted) -> None:
 
 def test_any_trainer_argument_works_without_a_plus() -> None:
     rewritten = trainer_overrides(["trainer.num_nodes=1", "trainer.fast_dev_run=true", "trainer.max_epochs=3",
-                                   "trainer.not_an_argument=1", "model=vit_micro"])
+                                   "trainer.not_an_argument=1", "model=vit_micro", "+method.num_tokens=4", "++method.rank=2"])
     assert rewritten == ["++trainer.num_nodes=1", "++trainer.fast_dev_run=true", "++trainer.max_epochs=3",
-                         "trainer.not_an_argument=1", "model=vit_micro"]
+                         "trainer.not_an_argument=1", "model=vit_micro", "++method.num_tokens=4", "++method.rank=2"]
     cfg = compose_config([*FAST, *rewritten[:2]])
     assert cfg.trainer.num_nodes == 1 and cfg.trainer.fast_dev_run is True
 

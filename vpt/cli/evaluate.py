@@ -28,6 +28,7 @@ from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
 from vpt.inference.loading import config_and_weights as _config_and_weights
 from vpt.methods import load_trained_weights
+from vpt.atomic import atomic_write_text
 from vpt.runs import write_json
 from vpt.training import check_accelerator
 from vpt.tasks import build_task
@@ -109,7 +110,7 @@ def evaluate(
     metrics.update({key.replace("test/", f"{split}/", 1): value for key, value in extras.items()})
     metrics.update({"weights": str(weights_path), "split": split})
     write_json(out_dir / "metrics.json", metrics)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"Wrote {out_dir / 'metrics.json'}")
     return metrics

@@ -221,9 +221,10 @@ def trainer_overrides(argv: Sequence[str]) -> list[str]:
     known = {"trainer": TRAINER_ARGUMENTS, "method": _known_options()}
     rewritten = []
     for arg in argv:
-        head, _, rest = arg.partition(".")
+        bare = arg[1:] if arg.startswith("+") and not arg.startswith("++") else arg
+        head, _, rest = bare.partition(".")
         if head in known and "=" in rest and rest.split("=", 1)[0] in known[head]:
-            arg = "++" + arg
+            arg = "++" + bare  # +key too: in a sweep, some jobs' configs already have the key
         rewritten.append(arg)
     return rewritten
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import albumentations as A
 import torch
 from albumentations.pytorch import ToTensorV2
+from lightning.pytorch.utilities import rank_zero_only
 
 from vpt.errors import ConfigError
 
@@ -105,4 +106,6 @@ def reseed_worker_transform(worker_id: int) -> None:
         return
     transform = getattr(info.dataset, "transform", None)
     if isinstance(transform, A.BaseCompose):
-        transform.set_random_seed(info.seed % 2**32)
+        # torch's worker seed is the same on every DDP process (seed_everything): mix in the rank.
+        rank = int(getattr(rank_zero_only, "rank", 0) or 0)
+        transform.set_random_seed((info.seed + 7919 * rank) % 2**32)

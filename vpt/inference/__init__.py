@@ -10,12 +10,19 @@
 """
 
 from vpt.inference.inputs import PredictionInput, find_inputs
-from vpt.inference.loading import LoadedRun, config_and_weights, load_run, rebuild_run, resolve_device, run_config
+from vpt.inference.loading import (
+    LoadedRun,
+    config_and_weights,
+    load_run,
+    rebuild_run,
+    resolve_device,
+    run_config,
+)
 from vpt.inference.predict import PREDICTIONS_CSV, predict
 
 __all__ = [
-    "LoadedRun",
     "PREDICTIONS_CSV",
+    "LoadedRun",
     "PredictionInput",
     "config_and_weights",
     "find_inputs",

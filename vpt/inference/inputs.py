@@ -19,7 +19,7 @@ from vpt.data.classification import IMAGE_EXTENSIONS
 from vpt.data.medical.io import VOLUME_SUFFIXES, volume_suffix
 from vpt.errors import DataError
 
-__all__ = ["PredictionInput", "find_inputs", "INPUT_KINDS"]
+__all__ = ["INPUT_KINDS", "PredictionInput", "find_inputs"]
 
 _logger = logging.getLogger(__name__)
 

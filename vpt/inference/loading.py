@@ -19,19 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
-from vpt.errors import ConfigError
+from vpt.errors import ConfigError, DataError
 from vpt.methods import load_trained_weights
 from vpt.methods.trained_weights import read_trained_metadata
 from vpt.tasks import TaskParts, build_task
 
 __all__ = [
     "LoadedRun",
-    "config_and_weights",
-    "run_config",
-    "rebuild_run",
-    "load_run",
-    "resolve_device",
     "autocast_context",
+    "config_and_weights",
+    "load_run",
+    "rebuild_run",
+    "resolve_device",
+    "run_config",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -204,12 +204,23 @@ def rebuild_run(cfg: DictConfig, weights_path: Path, device: Optional[str] = Non
 
     Raises:
         ConfigError: A bad device.
+        DataError: The run's data folder is gone (its settings rebuild the model).
         CheckpointError: Weights that do not fit the rebuilt model.
     """
     torch_device = resolve_device(device)
     # The frozen backbone is rebuilt, not loaded: a random-init one is the run's only with its seed.
     L.seed_everything(cfg.get("seed", 0), verbose=False)
-    parts = build_task(cfg)
+    try:
+        parts = build_task(cfg)
+    except DataError as error:
+        root = OmegaConf.select(cfg, "task.data.root", default=None)
+        if root is None or Path(str(root)).expanduser().exists():
+            raise
+        # The builders' own sentence advises on training data; prediction only needs the folder's settings.
+        raise DataError(
+            f"{weights_path} is rebuilt from its run config, whose data folder {root} does not exist; pass "
+            "task.data.root=<the folder the run was trained on> (prediction reads none of its images)."
+        ) from error
     trained = load_trained_weights(parts.model, weights_path)
     built_names = list(parts.metadata.get("class_names") or [])
     trained_names = trained.get("class_names")

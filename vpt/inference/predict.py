@@ -33,7 +33,11 @@ from tqdm import tqdm
 from vpt.data.classification import read_rgb
 from vpt.errors import ConfigError, DataError
 from vpt.inference.classification import ImageClassifier
-from vpt.inference.images import write_mask_png, write_overlay_png, write_probability_npz
+from vpt.inference.images import (
+    write_mask_png,
+    write_overlay_png,
+    write_probability_npz,
+)
 from vpt.inference.inputs import PredictionInput, find_inputs
 from vpt.inference.loading import LoadedRun, rebuild_run, run_config
 from vpt.inference.outputs import check_outputs_free, write_new_files
@@ -47,7 +51,7 @@ from vpt.inference.volumes import (
 )
 from vpt.runs import check_folder_writable
 
-__all__ = ["predict", "PREDICTIONS_CSV"]
+__all__ = ["PREDICTIONS_CSV", "predict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ def _segment(
             results = predictor.predict_images(
                 [preprocessing.unit_image(rgb) for rgb in pictures], preprocessing, save_probabilities
             )
-            for item, rgb, (labels, scores) in zip(chunk, pictures, results):
+            for item, rgb, (labels, scores) in zip(chunk, pictures, results, strict=True):
                 plan = plans[item]
                 assert plan.overlay is not None
                 written += write_mask_png(labels, plan.mask)
@@ -160,7 +164,7 @@ def _classify(
                     f"The model predicts {probabilities.shape[1]} classes but {len(run.class_names)} are named; "
                     "rebuild it with the run's own task.data settings."
                 )
-            for item, row in zip(chunk, probabilities):
+            for item, row in zip(chunk, probabilities, strict=True):
                 rows.append([str(item.path), run.class_names[int(row.argmax())], *(repr(float(p)) for p in row)])
             bar.update(len(chunk))
 

@@ -22,13 +22,7 @@ from vpt.errors import DataError
 from vpt.inference.inputs import PredictionInput
 from vpt.inference.outputs import write_new_files
 
-__all__ = [
-    "read_input_volume",
-    "volume_array",
-    "write_label_volume",
-    "write_probability_volume",
-    "volume_output_files",
-]
+__all__ = ["read_input_volume", "volume_array", "volume_output_files", "write_label_volume", "write_probability_volume"]
 
 _logger = logging.getLogger(__name__)
 

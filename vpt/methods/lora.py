@@ -51,6 +51,8 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"method.alpha must be positive or null (= rank), got {self.alpha}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}.")
+        if isinstance(self.targets, str):  # method.targets=qkv means the fused layer, not q, k and v
+            self.targets = [self.targets]
         self.targets = [str(t) for t in self.targets]
         unknown = sorted(set(self.targets) - set(_TARGETS))
         if unknown or not self.targets:
@@ -96,17 +98,6 @@ class SplitQKV(nn.Module):
                 fused.bias.copy_(torch.cat([p.bias for p in parts]))
         fused.requires_grad_(False)
         return fused
-
-    # The deep-prompt key/value path reads the fused weight rows directly.
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat([_base(getattr(self, n)).weight for n in "qkv"])
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        if _base(self.q).bias is None:
-            return None
-        return torch.cat([_base(getattr(self, n)).bias for n in "qkv"])
 
 
 def _base(layer: nn.Module) -> nn.Module:
@@ -171,4 +162,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 setattr(parent, name, getattr(parent, name).fused())
 
     replace(model)
+    for module in model.modules():
+        if getattr(module, "method_name", None) == "lora":
+            # Saved after merging, the file holds no LoRA tensors; say so, so a LoRA model
+            # refuses it by name instead of by missing tensors.
+            module.method_name = "lora_merged"
     return model

@@ -119,10 +119,27 @@ def apply_method(encoder: nn.Module, name: str, **options: Any) -> nn.Module:
         the encoder's shapes. ``method_name`` and ``method_options`` record what was applied.
     """
     config = method_config(name, **options)
+    _refuse_adapted(encoder)
     model = _METHODS[name].apply(encoder, config)
     model.method_name = name
     model.method_options = dataclasses.asdict(config)
     return model
+
+
+def _refuse_adapted(encoder: nn.Module) -> None:
+    """Methods change the encoder in place; a second one on the same encoder would stack
+    silently (and prompts would not see a LoRA update), so it is refused."""
+    from vpt.prompts import PromptedSamEncoder, PromptedViT
+
+    if isinstance(encoder, (PromptedViT, PromptedSamEncoder)) or any(
+        getattr(module, "method_name", None) is not None or type(module).__name__ in ("SplitQKV", "MlpWithAdapter")
+        or hasattr(module, "lora_A")
+        for module in encoder.modules()
+    ):
+        raise ConfigError(
+            "This encoder was already adapted by a method; build a fresh encoder (with its pretrained weights) "
+            "for each apply_method call."
+        )
 
 
 def build_method(name: str, vit: nn.Module, num_classes: int, **options: Any) -> nn.Module:

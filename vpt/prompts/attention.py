@@ -33,7 +33,8 @@ def supports_key_value_prompts(block: nn.Module) -> bool:
     """
     if type(block) is not Block:  # subclasses may override forward
         return False
-    return type(block.attn) is Attention
+    # A method may have replaced the qkv layer (LoRA): its weight is no longer the whole story.
+    return type(block.attn) is Attention and type(block.attn.qkv) is nn.Linear
 
 
 def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

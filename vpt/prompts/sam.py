@@ -231,11 +231,16 @@ def _project(attn: Attention, tokens: torch.Tensor, parts: int) -> tuple[torch.T
     Returns:
         ``parts`` tensors, each (P, heads, T, head_dim).
     """
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    rows = weight.shape[0] // 3 * parts
-    weight, bias = weight[-rows:], (bias[-rows:] if bias is not None else None)
     count, length, dim = tokens.shape
-    projected = F.linear(tokens, weight, bias).reshape(count, length, parts, attn.num_heads, dim // attn.num_heads)
+    if type(attn.qkv) is nn.Linear:
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        rows = weight.shape[0] // 3 * parts
+        weight, bias = weight[-rows:], (bias[-rows:] if bias is not None else None)
+        projected = F.linear(tokens, weight, bias)
+    else:
+        # A method replaced the layer (LoRA): run it whole so its update applies, keep k (and v).
+        projected = attn.qkv(tokens)[..., -(dim * parts):]
+    projected = projected.reshape(count, length, parts, attn.num_heads, dim // attn.num_heads)
     return tuple(projected.permute(2, 0, 3, 1, 4).unbind(0))
 
 

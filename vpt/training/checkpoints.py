@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from vpt.atomic import atomic_path
@@ -135,7 +136,7 @@ class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every training epoch (validation included) and on an interrupt.
 
     A checkpoint written at an epoch's end resumes exactly; one written on an interrupt
-    (Ctrl-C, SIGTERM) resumes at its step, with the rest of that epoch's batches drawn
+    (Ctrl-C, or SIGTERM as schedulers send before preempting; single-process runs) resumes at its step, with the rest of that epoch's batches drawn
     anew. Other exceptions (a bug, a NaN loss) do not overwrite the last good checkpoint.
     """
 
@@ -146,6 +147,9 @@ class LastCheckpoint(ModelCheckpoint):
             monitor=None,
             save_top_k=1,
             every_n_epochs=1,
+            # Every epoch, even when validation runs only every n epochs (it runs before
+            # on_train_epoch_end when it does, so the checkpoint includes it).
+            save_on_train_epoch_end=True,
             enable_version_counter=False,
             auto_insert_metric_name=False,
         )
@@ -157,8 +161,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or trainer.sanity_checking or trainer.global_step == 0:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.sanity_checking or trainer.global_step == 0:
             return
+        if trainer.world_size > 1:
+            return  # the other processes may be anywhere: saving waits on a barrier they never reach
         if self._last_global_step_saved == trainer.global_step:
             return
         self._save_checkpoint(trainer, str(Path(self.dirpath) / "last.ckpt"))
@@ -204,7 +210,8 @@ class RandomState(Callback):
         numpy = state["numpy"]
         np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["cached"]))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, device)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -235,7 +242,26 @@ class RandomState(Callback):
         transform = getattr(dataset, "transform", None)
         if transform is not None and hasattr(transform, "set_random_seed"):
             run_seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
-            transform.set_random_seed((run_seed * 1_000_003 + trainer.current_epoch) % 2**32)
+            # The rank too: DDP processes must not draw the same crops for their samples.
+            seed = (run_seed * 1_000_003 + trainer.current_epoch) * 1009 + trainer.global_rank
+            transform.set_random_seed(seed % 2**32)
+
+
+def _method_settings(section: Any) -> dict[str, Any]:
+    """A method config node as the method sees it: options of other methods (a sweep sets
+    them for every job) dropped, defaults filled in."""
+    import dataclasses
+
+    from vpt.errors import VptError
+    from vpt.methods.registry import method_config, options_of
+
+    section = dict(section or {})
+    name = section.get("name")
+    try:
+        options = dataclasses.asdict(method_config(name, **options_of(section)))  # type: ignore[arg-type]
+    except VptError:
+        return section
+    return {"name": name, **options}
 
 
 def _describe(section: Any) -> str:
@@ -271,8 +297,15 @@ def check_resume_fits(checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], pat
                     f"Checkpoint {path} was trained with {section}.{key}={before.get(key)} but this run has "
                     f"{section}.{key}={now.get(key)}; resume with the settings it was trained with."
                 )
-    before_method, now_method = saved.get("method") or {}, cfg.get("method") or {}
-    if dict(before_method) != dict(now_method):
+    before_optimizer = (saved.get("optimizer") or {}).get("name")
+    now_optimizer = (cfg.get("optimizer") or {}).get("name")
+    if before_optimizer and now_optimizer and before_optimizer != now_optimizer:
+        raise CheckpointError(
+            f"Checkpoint {path} was trained with optimizer.name={before_optimizer} but this run has "
+            f"optimizer.name={now_optimizer}; resume with optimizer.name={before_optimizer}."
+        )
+    before_method, now_method = _method_settings(saved.get("method")), _method_settings(cfg.get("method"))
+    if before_method != now_method:
         raise CheckpointError(
             f"Checkpoint {path} was trained with method {_describe(before_method)} but this run has "
             f"method {_describe(now_method)}; resume with the method and options it was trained with."
