@@ -14,6 +14,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _keep_process_locale():
+    """ITK's DICOM code (GDCM) may switch the C locale to "C"; then every later subprocess
+    in this pytest process decodes its output as ASCII. Put the locale back after each test."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def make_tiny_vit(**overrides: Any) -> torch.nn.Module:
     """A 2-block, 48-wide ViT on 32x32 images (8x8 patches -> 16 patch tokens)."""
     kwargs: dict[str, Any] = dict(

@@ -349,7 +349,7 @@ def test_main_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "check_data.py"), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO, timeout=300, check=False,
     )
 
 

@@ -216,7 +216,7 @@ def test_script_runs_in_a_subprocess(runs: dict[str, Path], tmp_path: Path) -> N
     script = str(REPO / "scripts" / "compare.py")
     done = subprocess.run(
         [sys.executable, script, f"runs={runs['multirun']}", f"output={tmp_path / 'sub'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path, timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "| run | method |" in done.stdout
@@ -225,7 +225,7 @@ def test_script_runs_in_a_subprocess(runs: dict[str, Path], tmp_path: Path) -> N
 
     missing = subprocess.run(
         [sys.executable, script, f"runs={tmp_path / 'nowhere'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=tmp_path, timeout=120,
     )
     assert missing.returncode == 2
     errors = [line for line in missing.stderr.splitlines() if line.startswith("vpt: error:")]

@@ -42,7 +42,7 @@ def compose_config(overrides: list[str]):
 def run_cli(args: list[str], cwd: Path, script: str = "scripts/train.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
         timeout=HANG_GUARD_S,
     )
 

@@ -11,9 +11,13 @@ Accepted inputs:
 
 from __future__ import annotations
 
+import contextlib
+import locale
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from vpt.data.classification import IMAGE_EXTENSIONS
 from vpt.data.medical.io import VOLUME_SUFFIXES, volume_suffix
@@ -74,17 +78,32 @@ def _may_be_dicom(path: Path) -> bool:
     return volume_suffix(path) is None and not _is_image(path) and path.suffix.lower() not in _NOT_DICOM_SUFFIXES
 
 
+@contextlib.contextmanager
+def preserved_locale() -> Iterator[None]:
+    """Run ITK's DICOM code (GDCM), which can switch the process to the "C" locale (later text
+    I/O of the process would turn ASCII), and put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def _dicom_series(folder: Path) -> list[PredictionInput]:
     """The DICOM series stored directly in ``folder`` (none when it holds no DICOM file)."""
     import SimpleITK as sitk
 
     try:
-        series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        with preserved_locale():
+            series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as error:
         raise DataError(f"Cannot scan {folder} for DICOM series ({error}); check the folder's permissions.") from error
     found = []
     for series_id in sorted(series_ids):
-        files = tuple(Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+        with preserved_locale():
+            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+        files = tuple(Path(name) for name in names)
         if not files:
             continue
         name = folder.name if len(series_ids) == 1 else f"{folder.name}_{series_id}"

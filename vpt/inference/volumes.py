@@ -11,6 +11,7 @@ existing file, never half a file.
 
 from __future__ import annotations
 
+
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,21 @@ import numpy as np
 
 from vpt.data.medical.io import check_finite
 from vpt.errors import DataError
-from vpt.inference.inputs import PredictionInput
+from vpt.inference.inputs import PredictionInput, preserved_locale
 from vpt.inference.outputs import write_new_files
 
 __all__ = ["read_input_volume", "volume_array", "volume_output_files", "write_label_volume", "write_probability_volume"]
 
 _logger = logging.getLogger(__name__)
+
+
+def _read_image(sitk: Any, item: PredictionInput) -> Any:
+    """The ITK image of a file, or of a DICOM series (its files in slice order)."""
+    if item.kind == "dicom":
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(path) for path in item.files])
+        return reader.Execute()
+    return sitk.ReadImage(str(item.path))
 
 
 def _short(error: BaseException) -> str:
@@ -50,12 +60,8 @@ def read_input_volume(item: PredictionInput) -> Any:
     import SimpleITK as sitk
 
     try:
-        if item.kind == "dicom":
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames([str(path) for path in item.files])
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(item.path))
+        with preserved_locale():
+            image = _read_image(sitk, item)
     except RuntimeError as error:
         raise DataError(f"Cannot read {item.path} ({_short(error)}); replace it with an intact copy.") from error
     while image.GetDimension() > 3 and image.GetSize()[-1] == 1:
