@@ -186,11 +186,16 @@ class PromptedViT(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, prompt_sets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens after the final norm, prompts removed.
 
         Args:
             x: Images, (B, C, H, W).
+            prompt_sets: Per-sample prompts to use instead of this module's own, already
+                projected to the model's width: (B, S, T, D) with S the module's number of
+                sets (depth for deep, 1 for shallow) and T its ``num_tokens``. No prompt
+                dropout is applied to them. :class:`~vpt.prompts.PromptBank` uses this to run
+                several tasks' prompts in one batch.
 
         Returns:
             (B, num_prefix_tokens + num_patches, D), as timm's ``forward_features``.
@@ -198,20 +203,35 @@ class PromptedViT(nn.Module):
         x = self._embed(x)
         batch = x.shape[0]
         depth = len(self.vit.blocks)
+        if prompt_sets is not None:
+            self._check_prompt_sets(prompt_sets, batch)
+
+        def prompts_of(index: int) -> torch.Tensor:
+            return self.prompts(index, batch) if prompt_sets is None else prompt_sets[:, index]
+
         if self.num_tokens == 0:
             for index in range(depth):
                 x = self._run_block(index, x, None)
         elif self.deep:
             for index in range(depth):
-                x = self._run_block(index, x, self.prompts(index, batch))
+                x = self._run_block(index, x, prompts_of(index))
         else:
             prefix = self.num_prefix_tokens
-            prompts = self.prompts(0, batch).expand(batch, -1, -1)
+            prompts = prompts_of(0).expand(batch, -1, -1)
             x = torch.cat([x[:, :prefix], prompts, x[:, prefix:]], dim=1)
             for index in range(depth):
                 x = self._run_block(index, x, None)
             x = torch.cat([x[:, :prefix], x[:, prefix + self.num_tokens :]], dim=1)
         return self.vit.norm(x)
+
+    def _check_prompt_sets(self, prompt_sets: torch.Tensor, batch: int) -> None:
+        sets = len(self.vit.blocks) if self.deep else 1
+        expected = (batch, sets, self.num_tokens, self.embed_dim)
+        if self.num_tokens == 0 or tuple(prompt_sets.shape) != expected:
+            raise ConfigError(
+                f"prompt_sets has shape {tuple(prompt_sets.shape)} but this model takes {expected} "
+                "(batch, sets, num_tokens, width); build the model with the prompts' method and num_tokens."
+            )
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's pooling and classifier on prompt-free tokens (B, N, D) -> (B, num_classes)."""
