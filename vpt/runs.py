@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -25,7 +26,13 @@ __all__ = [
     "write_json",
     "plot_curves",
     "save_classification_preview",
+    "choose_one_per_class",
     "save_segmentation_overlays",
+    "save_organ_dice_chart",
+    "choose_covering_slices",
+    "slice_dice",
+    "slice_title",
+    "overlay_row",
     "first_test_volume",
     "save_with_organ_legend",
 ]
@@ -99,7 +106,11 @@ def write_json(path: Path, data: Mapping[str, Any], overwrite: bool = False) -> 
 
 
 def _read_csv_log(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
-    """Lightning CSVLogger rows -> {metric: [(step, value), ...]} (epoch-level rows use epoch)."""
+    """Lightning CSVLogger rows -> {metric: [(step, value), ...]}.
+
+    Epoch-level rows carry the global step at the end of their epoch, so per-step and
+    per-epoch series share the step axis.
+    """
     series: dict[str, list[tuple[float, float]]] = {}
     with open(metrics_csv, newline="") as handle:
         for row in csv.DictReader(handle):
@@ -111,8 +122,48 @@ def _read_csv_log(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
+_STEP_SUFFIXES = {"_step": "per step", "_epoch": "per epoch"}
+
+
+def _curve_family(key: str) -> str:
+    """The panel a logged key belongs to: ``train/loss_epoch`` and ``val/loss`` -> ``loss``."""
+    if key.startswith("lr"):  # LearningRateMonitor: lr-<Optimizer>[/pg<N>]
+        return "learning rate"
+    name = key.split("/", 1)[-1]
+    for suffix in _STEP_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return "loss" if "loss" in name else name.split("_")[0]
+
+
+def _curve_label(key: str) -> str:
+    """``train/loss_epoch`` -> ``train/loss (per epoch)``; other keys as logged."""
+    for suffix, words in _STEP_SUFFIXES.items():
+        if key.endswith(suffix) and not key.startswith("lr"):
+            return f"{key[: -len(suffix)]} ({words})"
+    return key
+
+
+def _distinct_learning_rates(keys: Sequence[str], series: Mapping[str, list[tuple[float, float]]]) -> list[str]:
+    """The learning-rate keys worth a line: parameter groups that share one schedule are drawn once."""
+    kept: list[str] = []
+    for key in keys:
+        if not any(series[key] == series[other] for other in kept):
+            kept.append(key)
+    return kept
+
+
 def plot_curves(metrics_csv: Path, out_png: Path) -> Optional[Path]:
-    """Loss and metric curves from the CSV log, one panel per family (loss, acc, ...)."""
+    """Loss, metric and learning-rate curves from the CSV log, one panel per family.
+
+    Lightning writes per-step values only every ``log_every_n_steps``, so a run with shorter
+    epochs has no per-step training loss; its per-epoch series (``train/loss_epoch``, or any
+    key logged with ``on_epoch=True``) are drawn instead, on the same step axis. The learning
+    rate gets one panel, one line per parameter group whose schedule differs from the others.
+    Test scores (one value each, in ``metrics.json``) are left out.
+
+    Returns:
+        ``out_png``, or None when the CSV is missing or holds no values.
+    """
     if not metrics_csv.exists():
         return None
     import matplotlib
@@ -123,19 +174,17 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> Optional[Path]:
     series = _read_csv_log(metrics_csv)
     families: dict[str, list[str]] = {}
     for key in sorted(series):
-        name = key.split("/", 1)[-1]
-        if key.startswith("lr"):  # LearningRateMonitor: lr-<Optimizer>/pg<N>
-            family = "learning rate"
-        else:
-            family = "loss" if "loss" in name else name.split("_")[0]
-        families.setdefault(family, []).append(key)
+        if not key.startswith("test/"):  # one value at the end, in metrics.json; not a curve
+            families.setdefault(_curve_family(key), []).append(key)
+    if "learning rate" in families:
+        families["learning rate"] = _distinct_learning_rates(families["learning rate"], series)
     if not families:
         return None
     fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
     for axis, (family, keys) in zip(axes[0], families.items()):
         for key in keys:
             steps, values = zip(*series[key])
-            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=_curve_label(key))
         axis.set_title(family)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -151,6 +200,34 @@ def _denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]
     """(N, 3, H, W) normalised -> (N, H, W, 3) in [0, 1]."""
     images = images * np.asarray(std)[None, :, None, None] + np.asarray(mean)[None, :, None, None]
     return np.clip(images.transpose(0, 2, 3, 1), 0.0, 1.0)
+
+
+def choose_one_per_class(labels: Sequence[int], count: int) -> list[int]:
+    """Indices of up to ``count`` items such that as many classes as possible appear.
+
+    The first item of each class (in the order classes are first met) comes first, so with
+    ``count`` below the number of classes each picture shows a different class; the rest
+    is filled with the earliest items not yet chosen.
+
+    Args:
+        labels: Class index of each item, (N,).
+        count: How many indices to return at most.
+
+    Returns:
+        Indices into ``labels``, ordered by class and then by position.
+    """
+    first_of_class: dict[int, int] = {}
+    for index, label in enumerate(labels):
+        first_of_class.setdefault(int(label), index)
+    chosen = list(first_of_class.values())[: max(count, 0)]
+    taken = set(chosen)
+    for index in range(len(labels)):
+        if len(chosen) >= count:
+            break
+        if index not in taken:
+            chosen.append(index)
+            taken.add(index)
+    return sorted(chosen, key=lambda index: (int(labels[index]), index))
 
 
 def save_classification_preview(
@@ -215,8 +292,11 @@ def save_with_organ_legend(fig: Any, class_names: Sequence[str], out_png: Path) 
         matplotlib.patches.Patch(color=_ORGAN_COLOURS[i % len(_ORGAN_COLOURS)], label=name)
         for i, name in enumerate(class_names) if i > 0
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    columns = min(4, max(len(handles), 1))
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7)
+    # The legend takes a fixed height in inches, however tall the figure is.
+    legend_inches = 0.22 * math.ceil(len(handles) / columns) + 0.15
+    fig.tight_layout(rect=(0, min(0.3, legend_inches / fig.get_figheight()), 1, 1))
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -234,49 +314,219 @@ def first_test_volume(datamodule: Any) -> Optional[tuple[Any, Any]]:
     return slices, label
 
 
+def _organs_per_slice(truth: np.ndarray, prediction: np.ndarray) -> list[set[int]]:
+    return [
+        (set(np.unique(truth[z]).tolist()) | set(np.unique(prediction[z]).tolist())) - {0}
+        for z in range(truth.shape[0])
+    ]
+
+
+def choose_covering_slices(truth: np.ndarray, prediction: np.ndarray, count: int) -> list[int]:
+    """Slices of one case on which every organ of the ground truth or the prediction shows.
+
+    A greedy cover: again and again the slice holding the most organs not yet shown (ties:
+    more of them missed or false positive there, then the larger area labelled in either),
+    until every organ shows or ``count`` slices are chosen; so a missed organ (truth only)
+    and a false positive (prediction only) each get a slice. The most labelled remaining
+    slices fill up to ``count``.
+
+    Args:
+        truth: Ground-truth labels, (D, H, W).
+        prediction: Predicted labels, (D, H, W).
+        count: Slices to choose at most.
+
+    Returns:
+        Slice indices, ascending.
+    """
+    depth = truth.shape[0]
+    if count <= 0 or depth == 0:
+        return []
+    organs = _organs_per_slice(truth, prediction)
+    # Organs in only one of the two (missed or false positive) win ties: they are the errors.
+    disputed = [
+        set(np.unique(truth[z]).tolist()) ^ set(np.unique(prediction[z]).tolist()) for z in range(depth)
+    ]
+    area = ((truth > 0) | (prediction > 0)).reshape(depth, -1).sum(1)
+    unshown = set().union(*organs)
+    chosen: list[int] = []
+    while unshown and len(chosen) < count:
+        best = max(
+            (z for z in range(depth) if z not in chosen),
+            key=lambda z: (len(organs[z] & unshown), len(disputed[z] & unshown), area[z], -z),
+        )
+        chosen.append(best)
+        unshown -= organs[best]
+    for z in sorted(range(depth), key=lambda z: (-area[z], z)):
+        if len(chosen) >= count or area[z] == 0:
+            break
+        if z not in chosen:
+            chosen.append(z)
+    return sorted(chosen) if chosen else [depth // 2]
+
+
+def slice_dice(truth: np.ndarray, prediction: np.ndarray) -> dict[int, float]:
+    """Dice of each organ present in either label slice, (H, W) each: ``2|T∩P| / (|T|+|P|)``."""
+    scores: dict[int, float] = {}
+    for organ in sorted((set(np.unique(truth).tolist()) | set(np.unique(prediction).tolist())) - {0}):
+        in_truth, in_prediction = truth == organ, prediction == organ
+        overlap = np.logical_and(in_truth, in_prediction).sum()
+        scores[int(organ)] = float(2.0 * overlap / (in_truth.sum() + in_prediction.sum()))
+    return scores
+
+
+def slice_title(case: str, index: int, truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str]) -> str:
+    """``case_003 z=41 | liver 0.91, spleen 0.00 (missed)`` for one slice, (H, W) labels.
+
+    An organ in the ground truth only is marked ``(missed)``; one in the prediction only,
+    ``(false positive)``.
+    """
+    parts = []
+    for organ, dice in slice_dice(truth, prediction).items():
+        name = class_names[organ] if organ < len(class_names) else str(organ)
+        note = ""
+        if not (prediction == organ).any():
+            note = " (missed)"
+        elif not (truth == organ).any():
+            note = " (false positive)"
+        parts.append(f"{name} {dice:.2f}{note}")
+    return f"{case} z={index} | " + (", ".join(parts) if parts else "no organ")
+
+
+def overlay_row(
+    image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three pictures of one overlay row at the label's native resolution.
+
+    Args:
+        image: The normalised model input slice, (3, H, W).
+        truth: Ground-truth labels, (H0, W0).
+        prediction: Predicted labels, (H0, W0).
+
+    Returns:
+        Image, ground-truth overlay and prediction overlay, each (H0, W0, 3) in [0, 1]; the
+        image is resized (bilinear) to the label grid, the labels are drawn untouched.
+    """
+    import torch
+
+    gray = np.clip(image[0] * float(std[0]) + float(mean[0]), 0.0, 1.0).astype(np.float32)
+    size = tuple(truth.shape[-2:])
+    if gray.shape != size:
+        gray = torch.nn.functional.interpolate(
+            torch.from_numpy(gray)[None, None], size=size, mode="bilinear", align_corners=False
+        )[0, 0].numpy()
+    return np.repeat(gray[..., None], 3, axis=-1), _overlay(gray, truth), _overlay(gray, prediction)
+
+
 def save_segmentation_overlays(
-    module: Any, datamodule: Any, count: int, out_png: Path, class_names: Sequence[str]
+    module: Any, datamodule: Any, count: int, out_png: Path, class_names: Sequence[str], max_cases: int = 3
 ) -> Optional[Path]:
-    """Image, ground truth and prediction for the ``count`` most labelled slices of the
-    first test volume, one row per slice, with a colour legend.
+    """Image, ground truth and prediction of test slices, one row per slice, with a colour legend.
+
+    Up to ``count`` rows from the first ``max_cases`` test cases (rows shared evenly). Each
+    case's slices are chosen by :func:`choose_covering_slices`, so every organ of its ground
+    truth or prediction, missed and false-positive ones included, shows at least once. Rows
+    are drawn at the label's native resolution and titled by :func:`slice_title`.
 
     Args:
         module: Has ``predict_volume(slices (D, 3, H, W), out_size) -> (D, H0, W0)``.
         datamodule: Its ``test_dataloader()`` yields one volume per batch with ``image``
-            (1, D, 3, H, W) and ``label`` (1, D, H0, W0).
+            (1, D, 3, H, W), ``label`` (1, D, H0, W0) and ``case`` ([id]); has ``mean`` and ``std``.
+
+    Returns:
+        ``out_png``, or None when there is no test case.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
-    volume = first_test_volume(datamodule)
-    if volume is None:
-        return None
-    slices, label = volume
-    foreground = (label > 0).flatten(1).sum(1)
-    chosen = torch.argsort(foreground, descending=True)[: min(count, len(foreground))].sort().values
-    prediction = module.predict_volume(slices[chosen], tuple(label.shape[-2:]))
+    loader = datamodule.test_dataloader()
+    try:
+        available = len(loader)
+    except TypeError:  # an iterable loader of unknown length
+        available = max_cases
+    cases = max(1, min(max_cases, count, available))
     mean, std = np.asarray(datamodule.mean), np.asarray(datamodule.std)
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.6 * len(chosen)), squeeze=False)
-    for row, index in enumerate(chosen.tolist()):
-        image = slices[index].float().cpu().numpy() * std[:, None, None] + mean[:, None, None]
-        gray = np.clip(image[0], 0, 1)
-        size = tuple(label.shape[-2:])
-        if gray.shape != size:  # show the image at the label's resolution
-            gray = torch.nn.functional.interpolate(
-                torch.from_numpy(gray)[None, None], size=size, mode="bilinear", align_corners=False
-            )[0, 0].numpy()
-        truth = label[index].cpu().numpy()
-        for col, (title, picture) in enumerate(
-            [("image", np.repeat(gray[..., None], 3, -1)), ("ground truth", _overlay(gray, truth)),
-             ("prediction", _overlay(gray, prediction[row].numpy()))]
-        ):
-            axes[row, col].imshow(picture, interpolation="nearest")
-            axes[row, col].set_title(f"{title} (slice {index})" if col == 0 else title, fontsize=8)
-            axes[row, col].axis("off")
+    rows: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+    for case_number, batch in enumerate(loader):
+        if case_number >= cases or len(rows) >= count:
+            break
+        slices, label = batch["image"], batch["label"]
+        if slices.ndim == 5:  # a batch of one case
+            slices, label = slices[0], label[0]
+        case = batch.get("case", [f"case {case_number}"])
+        case = str(case[0] if isinstance(case, (list, tuple)) else case)
+        truth = label.cpu().numpy()
+        prediction = module.predict_volume(slices, tuple(truth.shape[-2:])).cpu().numpy()
+        # Rows left over by a case with few slices go to the next one.
+        share = math.ceil((count - len(rows)) / (cases - case_number))
+        for z in choose_covering_slices(truth, prediction, share):
+            pictures = overlay_row(slices[z].float().cpu().numpy(), truth[z], prediction[z], mean, std)
+            rows.append((slice_title(case, z, truth[z], prediction[z], class_names), pictures))
+    if not rows:
+        return None
+
+    height, width = rows[0][1][0].shape[:2]
+    panel_width = float(np.clip(width / 100, 2.4, 5.12))  # native pixels up to 512 at dpi 100
+    panel_height = panel_width * height / width
+    characters = int(3 * panel_width * 13)  # a title line at fontsize 8 holds ~13 characters an inch
+    titles = [textwrap.fill(title, characters) for title, _ in rows]
+    title_heights = [0.18 * (title.count("\n") + 1) + 0.08 for title in titles]
+    fig = plt.figure(figsize=(3 * panel_width + 0.3, sum(title_heights) + len(rows) * (panel_height + 0.25) + 0.6))
+    grid = fig.add_gridspec(2 * len(rows), 3, height_ratios=[r for h in title_heights for r in (h, panel_height)])
+    for row, (title, (_, pictures)) in enumerate(zip(titles, rows)):
+        head = fig.add_subplot(grid[2 * row, :])
+        head.axis("off")
+        head.text(0.5, 0.5, title, ha="center", va="center", fontsize=8, transform=head.transAxes)
+        for col, (name, picture) in enumerate(zip(("image", "ground truth", "prediction"), pictures)):
+            axis = fig.add_subplot(grid[2 * row + 1, col])
+            axis.imshow(picture, interpolation="nearest")
+            axis.set_title(name, fontsize=7)
+            axis.axis("off")
     return save_with_organ_legend(fig, class_names, out_png)
+
+
+def save_organ_dice_chart(organs: Mapping[str, Mapping[str, Any]], out_png: Path) -> Optional[Path]:
+    """Horizontal bars of each organ's mean test Dice, annotated ``0.91`` and, where the
+    prediction was empty in some of the cases holding the organ, ``(missed in k/n)``.
+
+    Args:
+        organs: ``summarize_volume_scores(...)["organs"]``: name -> ``dice``, ``cases``,
+            ``missed`` and ``class_index`` (for the organ's colour).
+
+    Returns:
+        ``out_png``, or None when there is no organ.
+    """
+    if not organs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(organs)
+    fig, axis = plt.subplots(figsize=(6.4, 0.9 + 0.36 * len(names)))
+    for position, name in enumerate(names):
+        scores = organs[name]
+        dice = scores.get("dice")
+        measured = dice is not None and not (isinstance(dice, float) and math.isnan(dice))
+        colour = _ORGAN_COLOURS[int(scores.get("class_index", position + 1)) % len(_ORGAN_COLOURS)]
+        axis.barh(position, float(dice) if measured else 0.0, color=colour, edgecolor="black", linewidth=0.5)
+        text = f"{float(dice):.3f}" if measured else "no test case holds it"
+        if int(scores.get("missed") or 0) > 0:
+            text += f" (missed in {int(scores['missed'])}/{int(scores.get('cases') or 0)})"
+        axis.text((float(dice) if measured else 0.0) + 0.01, position, text, va="center", fontsize=8)
+    axis.set_yticks(range(len(names)), names, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1.35)  # room for the annotations
+    axis.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    axis.set_xlabel("Dice (mean over the test cases holding the organ)")
+    axis.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return out_png
 
 
 def _save_prompt_pictures(

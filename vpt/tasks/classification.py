@@ -20,7 +20,7 @@ from vpt.metrics.classification import (
     per_class_accuracy,
     per_class_report,
 )
-from vpt.runs import save_classification_preview
+from vpt.runs import choose_one_per_class, save_classification_preview
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
 
@@ -77,7 +77,7 @@ class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.Lightnin
         loss = self._loss(logits, labels)
         check_finite_loss(loss, self.global_step)
         self.train_metrics.update(logits.detach(), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=labels.shape[0])
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss
 
@@ -115,23 +115,34 @@ class ClassificationTask(TrainableCheckpointMixin, OptimizationMixin, L.Lightnin
         }
         if num_pictures <= 0:
             return extras
+        # Keep only what the chooser can pick (each class's first image and the first
+        # num_pictures), and stop once every class, or num_pictures of them, has been met.
         images, labels = [], []
+        wanted_classes = min(self.num_classes, num_pictures)
+        seen: set[int] = set()
         for batch_images, batch_labels in datamodule.test_dataloader():
-            images.append(batch_images)
-            labels.append(batch_labels)
-            if sum(len(b) for b in labels) >= num_pictures:
+            for image, label in zip(batch_images, batch_labels.tolist()):
+                if label not in seen or len(labels) < num_pictures:
+                    images.append(image.clone())  # not a view keeping the whole batch alive
+                    labels.append(label)
+                    seen.add(label)
+            if len(seen) >= wanted_classes and len(labels) >= num_pictures:
                 break
-        images_t = torch.cat(images)[:num_pictures]
-        labels_t = torch.cat(labels)[:num_pictures]
+        if not labels:
+            return extras
+        chosen = choose_one_per_class(labels, num_pictures)
+        images_t = torch.stack([images[i] for i in chosen])
+        labels_t = [labels[i] for i in chosen]
         was_training = self.training
         self.eval()
         predictions = self(images_t.to(self.device)).argmax(dim=1).cpu()
         self.train(was_training)
         mean, std = datamodule.mean, datamodule.std
         save_classification_preview(
-            images_t.numpy(), labels_t.tolist(), predictions.tolist(), self.class_names, mean, std,
+            images_t.numpy(), labels_t, predictions.tolist(), self.class_names, mean, std,
             run_dir / "test_predictions.png",
         )
+        extras["test/pictures"] = ["test_predictions.png"]
         return extras
 
 

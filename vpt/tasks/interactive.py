@@ -199,7 +199,7 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
         loss = self._loss(logits, prompts.targets)
         check_finite_loss(loss, self.global_step)
         self.train_dice.update(mask_dice(logits.detach() > 0, prompts.targets))
-        self.log("train/loss", loss, prog_bar=True, batch_size=prompts.count)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=prompts.count)
         return loss
 
     def on_train_epoch_end(self) -> None:

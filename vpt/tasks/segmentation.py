@@ -125,7 +125,7 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         loss = self._loss(logits, labels)
         check_finite_loss(loss, self.global_step)
         self.train_dice.update(logits.detach(), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=labels.shape[0])
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -203,8 +203,9 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
 
     @torch.no_grad()
     def write_report(self, run_dir: Path, datamodule: L.LightningDataModule, num_pictures: int) -> dict[str, Any]:
-        """Per-organ table for metrics.json and overlay pictures of test slices."""
-        from vpt.runs import save_segmentation_overlays
+        """Per-organ table for metrics.json; overlay pictures of test slices (``test_overlays.png``)
+        and a per-organ Dice chart (``organ_dice.png``) unless ``num_pictures`` is 0."""
+        from vpt.runs import save_organ_dice_chart, save_segmentation_overlays
 
         summary = self.report.get("summary", {})
         extras: dict[str, Any] = {
@@ -217,8 +218,12 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         if num_pictures > 0:
             was_training = self.training
             self.eval()
-            save_segmentation_overlays(self, datamodule, num_pictures, run_dir / "test_overlays.png", self.class_names)
+            written = [
+                save_segmentation_overlays(self, datamodule, num_pictures, run_dir / "test_overlays.png", self.class_names),
+                save_organ_dice_chart(summary.get("organs") or {}, run_dir / "organ_dice.png"),
+            ]
             self.train(was_training)
+            extras["test/pictures"] = [path.name for path in written if path is not None]
         return extras
 
 
