@@ -296,3 +296,32 @@ def test_cli_predicts_and_reports_a_missing_input_in_one_line(runs, phantom, tmp
     errors = [line for line in missing.stderr.splitlines() if line.startswith("vpt: error:")]
     assert len(errors) == 1 and "nowhere does not exist" in errors[0], missing.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_several_prompt_files_predict_in_one_pass_as_each_alone(runs, tmp_path) -> None:
+    """A prompt bank through vpt-predict: every task's CSV equals predicting with that run alone."""
+    from vpt.cli.predict import main
+
+    second = tmp_path / "cls2"
+    train(compose_config(["experiment=quickstart_classification", "trainer.max_epochs=1", "task.data.samples_per_class=8",
+                          "num_preview_images=0", "trainer.enable_progress_bar=false", "seed=7"]), run_dir=second)
+    images, _ = generate_shapes(num_classes=4, samples_per_class=1, size=32, seed=9)
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"shape_{index}.png")
+    weights = [runs["cls"] / "prompts.safetensors", second / "prompts.safetensors"]
+    main([f"weights={weights[0]}", f"weights={weights[1]}", f"input={folder}", f"output={tmp_path / 'bank'}",
+          "device=cpu", "progress=false", "batch_size=3"])
+    for run_folder in (runs["cls"], second):
+        alone = predict(folder, tmp_path / f"alone_{run_folder.name}", run_dir=run_folder, device="cpu", progress=False)
+        with open(alone[0], newline="", encoding="utf-8") as handle:
+            expected = list(csv.DictReader(handle))
+        with open(tmp_path / "bank" / f"predictions_{run_folder.name}.csv", newline="", encoding="utf-8") as handle:
+            got = list(csv.DictReader(handle))
+        assert [row["path"] for row in got] == [row["path"] for row in expected]
+        for row_got, row_expected in zip(got, expected):
+            assert row_got["predicted"] == row_expected["predicted"]
+            for name in row_expected:
+                if name not in ("path", "predicted"):
+                    assert abs(float(row_got[name]) - float(row_expected[name])) < 1e-5

@@ -6,7 +6,9 @@
 Arguments are ``key=value`` pairs. This tool's own keys:
 
   run_dir=RUN                a finished run folder (its config.yaml and prompts.safetensors)
-  weights=FILE               a trained-weights file (alone: its stored config is used)
+  weights=FILE               a trained-weights file (alone: its stored config is used); give
+                             several (weights=a weights=b ...) to classify with a prompt
+                             bank: every task from one encoder pass, predictions_<task>.csv each
   input=PATH                 a volume (.nii.gz .nii .nrrd .mha .mhd), a 2D image, a folder of
                              them, or a DICOM series folder
   output=DIR                 where the results go; existing files are never overwritten
@@ -34,6 +36,7 @@ from vpt.cli.console import quiet_console
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
 from vpt.inference import predict
+from vpt.inference.predict import predict_bank
 
 __all__ = ["main"]
 
@@ -78,15 +81,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     :func:`vpt.inference.predict` for the list of written files)."""
     own: dict[str, Optional[str]] = {key: None for key in _OWN_KEYS}
     overrides = []
+    weights: list[str] = []
     for key, value in key_value_arguments(argv, "vpt-predict", __doc__):
-        if key in own:
+        if key == "weights":
+            weights.append(value)
+        elif key in own:
             own[key] = value
         else:
             overrides.append(f"{key}={value}")
+    own["weights"] = weights[0] if weights else None
     if not own["input"]:
         raise ConfigError("No input given; pass input=<a volume file, a folder of volumes or 2D images, or a DICOM series folder>.")
     quiet_console()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if len(weights) > 1:
+        if own["run_dir"]:
+            raise ConfigError("Pass either run_dir= or several weights= (a prompt bank), not both.")
+        written = predict_bank(
+            own["input"], own["output"], weights, overrides=overrides,
+            batch_size=_positive_int("batch_size", own["batch_size"]), device=own["device"],
+            progress=_flag("progress", own["progress"], None),
+        )
+        folders = sorted({str(path.parent) for path in written})
+        print(f"Wrote {len(written)} file(s) to {', '.join(folders) if folders else own['output']}")
+        return
     written = predict(
         own["input"],
         own["output"],

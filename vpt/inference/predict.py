@@ -14,7 +14,8 @@ an input can be):
   ``save_probabilities`` also ``<name>_probabilities.npz`` (``probabilities``, float32
   ``(H, W, C)``);
 - classification: one ``predictions.csv`` with columns ``path``, ``predicted`` and one
-  probability column per class name.
+  probability column per class name; with several prompt files (:func:`predict_bank`) one
+  ``predictions_<task>.csv`` per file, all from one encoder pass per batch.
 
 Every planned file is checked before the model is built; none may exist (and none is ever
 replaced), and no two inputs may map to one output.
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
+import torch
 from tqdm import tqdm
 
 from vpt.data.classification import read_rgb
@@ -51,7 +53,7 @@ from vpt.inference.volumes import (
 )
 from vpt.runs import check_folder_writable
 
-__all__ = ["PREDICTIONS_CSV", "predict"]
+__all__ = ["PREDICTIONS_CSV", "predict", "predict_bank"]
 
 _logger = logging.getLogger(__name__)
 
@@ -175,6 +177,99 @@ def _classify(
             table.writerows(rows)
 
     return write_new_files(csv_path, write)
+
+
+def _bank_task_names(paths: Sequence[Path]) -> list[str]:
+    """A file's stem, or its run folder's name for the usual ``<run>/prompts.safetensors``."""
+    stems = [path.stem for path in paths]
+    names = stems if len(set(stems)) == len(stems) else [path.parent.name or path.stem for path in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"The weights files {[str(p) for p in paths]} do not have distinct names; rename them so each task's "
+            "predictions file can be told apart."
+        )
+    return names
+
+
+def predict_bank(
+    input_path: str | Path,
+    output_dir: Optional[str | Path],
+    weights: Sequence[str | Path],
+    overrides: Sequence[str] = (),
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+    progress: Optional[bool] = None,
+) -> list[Path]:
+    """Classify images with several trained prompt files on one frozen backbone, every task
+    from one encoder pass per batch (a :class:`~vpt.prompts.PromptBank`).
+
+    The backbone and the preprocessing come from the first file's run config; every file
+    must be VPT prompts on that backbone with the same method and token count. Writes
+    ``predictions_<task>.csv`` per file (task = the file's stem, or its run folder's name
+    when the stems repeat, as ``prompts.safetensors`` do), each as :func:`predict` writes
+    ``predictions.csv``.
+
+    Raises:
+        VptError: files of another backbone / method / token count, a segmentation run, an
+            existing output, inputs that are not images.
+    """
+    from vpt.prompts import PromptBank
+
+    if not output_dir:
+        raise ConfigError("No output folder given; pass output=<folder> for the predictions.")
+    paths = [Path(str(path)).expanduser() for path in weights]
+    out_dir = Path(output_dir).expanduser()
+    cfg, first = run_config(None, paths[0], overrides)
+    if str(cfg.task.name) != "classification":
+        raise ConfigError(
+            f"{first} is a {cfg.task.name} run; several weights= in one pass work for classification prompt files "
+            "(predict segmentation runs one weights file at a time)."
+        )
+    items = find_inputs(input_path)
+    not_images = [item.path for item in items if item.kind != "image"]
+    if not_images:
+        raise DataError(f"{not_images[0]} is a volume, but prompt banks classify 2D images; pass input=<images>.")
+    names = _bank_task_names(paths)
+    targets = [out_dir / f"predictions_{name}.csv" for name in names]
+    check_folder_writable(out_dir, "output")
+    check_outputs_free(targets)
+    run = rebuild_run(cfg, first, device)
+    bank = PromptBank.from_files(run.parts.model, paths, names=names).to(run.device)
+    datamodule = run.parts.datamodule
+    classifier = ImageClassifier(bank, run.device, tuple(datamodule.image_size), datamodule.mean, datamodule.std, run.autocast)
+    class_names = {name: _class_names_of(path) for name, path in zip(names, paths)}
+    rows: dict[str, list[list[Any]]] = {name: [] for name in names}
+    size = batch_size or int(getattr(datamodule, "eval_batch_size", 32))
+    with _bar(progress, total=len(items), desc="images", unit="image") as bar:
+        for chunk in _batches(items, size):
+            with torch.inference_mode(), run.autocast():
+                logits = bank.forward_all(classifier.model_inputs([item.path for item in chunk]).to(run.device))
+            for name, task_logits in logits.items():
+                probabilities = task_logits.float().softmax(dim=1).cpu().numpy()
+                labels = class_names[name] or [str(i) for i in range(probabilities.shape[1])]
+                for item, row in zip(chunk, probabilities, strict=True):
+                    rows[name].append([str(item.path), labels[int(row.argmax())], *(repr(float(p)) for p in row)])
+            bar.update(len(chunk))
+    written: list[Path] = []
+    for name, target in zip(names, targets):
+        labels = class_names[name] or [str(i) for i in range(len(rows[name][0]) - 2 if rows[name] else 0)]
+
+        def write(path: Path, name: str = name, labels: list[str] = labels) -> None:
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                table = csv.writer(handle)
+                table.writerow(["path", "predicted", *labels])
+                table.writerows(rows[name])
+
+        written += write_new_files(target, write)
+    _logger.info("Predicted %d image(s) for %d tasks in one pass per batch; wrote %s.", len(items), len(names), out_dir)
+    return written
+
+
+def _class_names_of(path: Path) -> list[str]:
+    from vpt.methods.trained_weights import read_trained_metadata
+
+    names = read_trained_metadata(path).get("class_names")
+    return [str(name) for name in names] if isinstance(names, list) else []
 
 
 def predict(
