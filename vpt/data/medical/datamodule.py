@@ -21,6 +21,11 @@ other units). Synapse files and 2D images are already in [0, 1] and are used as 
 The [0, 1] slice is replicated to RGB and normalised with the backbone's ``mean``/``std``.
 Slices are resized to ``image_size`` regardless of their pixel spacing, as TransUNet and
 SAMed do.
+
+Memory: with ``cache=True`` (the default) each case is read, checked and scaled once into
+``.npy`` files under ``cache_dir`` (see :mod:`vpt.data.medical.cache`) and every item reads
+its one slice from the memory-mapped file, so RAM does not grow with the number of cases.
+``cache=False`` keeps the chosen train/val slices in memory instead (float16).
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vpt.data.classification import SPLITS
+from vpt.data.medical.cache import CachedCase, VolumeCache, resolve_cache_dir
 from vpt.data.medical.io import check_finite, read_npz_slice
-from vpt.data.medical.layouts import LAYOUTS, Case, CaseIndex, dataset_modality, find_cases, load_case
+from vpt.data.medical.layouts import LAYOUTS, Case, CaseArrays, CaseIndex, dataset_modality, find_cases, load_case
 from vpt.data.medical.phantom import (
     DEFAULT_PHANTOM_SHAPE,
     PHANTOM_CLASS_NAMES,
@@ -138,14 +144,44 @@ class _UnitIntensity:
 
 
 @dataclass(frozen=True)
+class _CasePreprocessor:
+    """Reads, checks and scales one case as the cache stores it: a small picklable callable.
+
+    Attributes:
+        to_unit: The data set's intensity rule.
+        num_classes: Number of classes, to check (and type) the labels.
+    """
+
+    to_unit: _UnitIntensity
+    num_classes: int
+
+    def __call__(self, case: Case) -> CaseArrays:
+        """The case with its whole image in [0, 1] (float16) and its label as checked class indices.
+
+        Raises:
+            DataError: Unreadable files, NaN/inf, geometry mismatch, or bad label values.
+        """
+        arrays = load_case(case)
+        assert arrays.image is not None and arrays.label is not None, "cached cases are labelled"
+        label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
+        check_label_values(label, self.num_classes, case.case_id, case.label)
+        arrays.label = label.astype(_mask_dtype(self.num_classes), copy=False)
+        # Scaled as a whole volume, so percentile scaling is the same as without the cache.
+        arrays.image = self.to_unit(arrays.image, case).astype(np.float16)
+        return arrays
+
+
+@dataclass(frozen=True)
 class _SliceRecord:
-    """One training/validation slice: its arrays in memory, or the file that holds them."""
+    """One training/validation slice: its arrays in memory, or the file(s) that hold them."""
 
     case_id: str
     slice_number: int
     image: np.ndarray | None = None  # (H, W) float16 in [0, 1], or (H, W, 3)
     label: np.ndarray | None = None  # (H, W) uint8/uint16
     path: Path | None = None  # Synapse npz slice, read per item
+    cached: CachedCase | None = None  # cache entry of the case (shared by its slices), read per item
+    position: int = 0  # index of the slice in the cached volume
 
 
 class SliceDataset(Dataset):
@@ -187,6 +223,10 @@ class SliceDataset(Dataset):
             # Synapse slice images are first read here, in a worker, so this is where a NaN shows.
             check_finite(image, record.path, record.case_id)
             image = np.clip(image, 0.0, 1.0)
+        elif record.cached is not None:
+            # Mapped per item and released with it, so no whole volume stays resident here.
+            image = np.array(record.cached.image()[record.position])
+            label = np.array(record.cached.label()[record.position])
         else:
             image, label = record.image, record.label
         out = self.transform(image=image.astype(np.float32), mask=label.astype(self.mask_dtype, copy=False))
@@ -208,6 +248,8 @@ class VolumeDataset(Dataset):
         mean: Backbone normalisation mean, [0, 1] units.
         std: Backbone normalisation standard deviation, [0, 1] units.
         num_classes: Number of classes, to check the labels.
+        cache: Where the cases' preprocessed arrays are read from (built on first use);
+            ``None`` reads and scales the source files per item.
     """
 
     def __init__(
@@ -218,12 +260,14 @@ class VolumeDataset(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         num_classes: int,
+        cache: VolumeCache | None = None,
     ) -> None:
         self.cases = list(cases)
         self.to_unit = to_unit
         self.transform = transform
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_classes = int(num_classes)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -236,19 +280,23 @@ class VolumeDataset(Dataset):
             float32 (NaN when unknown), "case": str}``.
         """
         case = self.cases[index]
-        arrays = load_case(case)
-        assert arrays.image is not None and arrays.label is not None, "evaluation cases are labelled"
-        arrays.label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
-        check_label_values(arrays.label, self.num_classes, case.case_id, case.label)
-        unit = self.to_unit(arrays.image, case)
+        if self.cache is not None:
+            cached = self.cache.entry(case)
+            unit, label, spacing = cached.image(), cached.label(), cached.spacing
+        else:
+            arrays = load_case(case)
+            assert arrays.image is not None and arrays.label is not None, "evaluation cases are labelled"
+            label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
+            check_label_values(label, self.num_classes, case.case_id, case.label)
+            unit, spacing = self.to_unit(arrays.image, case), arrays.spacing
         slices = [
-            to_model_input(self.transform(image=unit[position])["image"], self.mean, self.std)
-            for position in range(unit.shape[0])
+            to_model_input(self.transform(image=np.asarray(plane, dtype=np.float32))["image"], self.mean, self.std)
+            for plane in unit
         ]
-        spacing = arrays.spacing if arrays.spacing is not None else (float("nan"),) * 3
+        spacing = spacing if spacing is not None else (float("nan"),) * 3
         return {
             "image": torch.stack(slices),
-            "label": torch.from_numpy(arrays.label.astype(np.int64)),
+            "label": torch.from_numpy(np.asarray(label).astype(np.int64)),
             "spacing": torch.tensor(spacing, dtype=torch.float32),
             "case": case.case_id,
         }
@@ -259,8 +307,10 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
 
     ``class_names`` and ``num_classes`` are available right after construction (they only
     list folders and read ``dataset.json``), so the model head can be built before the
-    Trainer runs. ``setup()`` splits the cases; the slices of a split are read when its
-    loader is first asked for (in the main process, so worker processes share them).
+    Trainer runs. ``setup()`` splits the cases; the cases of a split are read when its
+    loader is first asked for (in the main process): with ``cache`` each is preprocessed once
+    into memory-mapped files that workers and DDP processes share, without it the chosen
+    slices are kept in memory (shared with forked workers).
 
     Splits are by case and seeded: Synapse's ``test_vol_h5`` (or nnU-Net's ``imagesTs`` with
     ``labelsTs``) is the test split and ``val_fraction`` of the other cases becomes val;
@@ -299,6 +349,12 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         phantom_seed: Seed of the phantom cases (separate from ``seed``, so another split
             seed does not change the data).
         phantom_shape: ``(D, H, W)`` of each phantom case.
+        cache: Preprocess each case once into ``.npy`` files under ``cache_dir`` and read
+            slices from them memory-mapped (RAM stays flat as cases are added; processes
+            share the files). ``False`` keeps the train/val slices in memory.
+        cache_dir: The cache folder; ``None`` uses ``<root>/.vpt_cache``, or a folder under
+            the system temp dir when ``root`` cannot be written. Entries are keyed by the
+            preprocessing settings and rebuilt when a source file changes.
     """
 
     def __init__(
@@ -323,6 +379,8 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         num_phantoms: int = 12,
         phantom_seed: int = 0,
         phantom_shape: Sequence[int] = DEFAULT_PHANTOM_SHAPE,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if layout != "auto" and layout not in LAYOUTS:
@@ -376,6 +434,9 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         self.num_phantoms = int(num_phantoms)
         self.phantom_seed = int(phantom_seed)
         self.phantom_shape = tuple(int(side) for side in phantom_shape)
+        self.cache = bool(cache)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self._volume_cache: VolumeCache | None = None
         self._index: CaseIndex | None = None
         self._class_names: list[str] | None = None
         self._split_cases: dict[str, list[Case]] | None = None
@@ -534,6 +595,29 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             self._unit_intensity = _UnitIntensity(intensity, window)
         return self._unit_intensity
 
+    def volume_cache(self) -> VolumeCache | None:
+        """The on-disk cache of preprocessed cases, or ``None`` with ``cache=False``."""
+        if not self.cache:
+            return None
+        if self._volume_cache is None:
+            intensity = self._intensity()
+            num_classes = self.num_classes
+            # Everything that changes the stored arrays; source files are checked per entry.
+            settings = {
+                "root": str(self.root.resolve()),
+                "intensity": intensity.intensity,
+                "window": list(intensity.window) if intensity.window is not None else None,
+                "num_classes": num_classes,
+                "label_dtype": np.dtype(_mask_dtype(num_classes)).name,
+                "binary_0_255_as_0_1": num_classes == 2,
+                "image_dtype": "float16",
+            }
+            self._volume_cache = VolumeCache(
+                resolve_cache_dir(self.cache_dir, self.root), settings, _CasePreprocessor(intensity, num_classes)
+            )
+            _logger.info("%s: preprocessed cases are cached in %s.", self.root, self._volume_cache.folder)
+        return self._volume_cache
+
     def _select_slices(self, foreground: np.ndarray, case_id: str) -> np.ndarray:
         """Positions of the slices a case contributes to train/val.
 
@@ -560,6 +644,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             return self._records[split]
         num_classes = self.num_classes
         mask_dtype = _mask_dtype(num_classes)
+        cache = self.volume_cache()
         records: list[_SliceRecord] = []
         for case in self.cases(split):
             if case.kind == "synapse_slices":
@@ -573,6 +658,17 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                     records.append(
                         _SliceRecord(case.case_id, int(case.slice_numbers[position]), path=case.slice_files[position])
                     )
+                continue
+            if cache is not None:
+                # Only the case's entry (paths) is kept; items read their slice from the mapped file.
+                cached = cache.entry(case)
+                label_volume = cached.label()
+                foreground = np.asarray(label_volume.reshape(len(label_volume), -1).any(axis=1))
+                del label_volume
+                for position in self._select_slices(foreground, case.case_id):
+                    records.append(_SliceRecord(
+                        case.case_id, cached.slice_numbers[position], cached=cached, position=int(position)
+                    ))
                 continue
             arrays = load_case(case)
             assert arrays.image is not None and arrays.label is not None, "training cases are labelled"
@@ -616,13 +712,16 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             DataError: The first problem found, naming its case and file.
         """
         checked = 0
+        cache = self.volume_cache()
         for split in splits:
             cases = self.cases(split)
             if split != "test":
                 self._slice_records(split)  # reads and checks every volume of the split
             for case in cases:
                 # Test volumes are only read at test time, and Synapse slice images only per item.
-                if split == "test" or case.kind == "synapse_slices":
+                if split == "test" and cache is not None and case.kind != "synapse_slices":
+                    cache.entry(case)  # built (and so checked) now, reused at test time
+                elif split == "test" or case.kind == "synapse_slices":
                     arrays = load_case(case)
                     if arrays.label is not None:
                         label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
@@ -668,7 +767,9 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 "task.data.val_fraction/test_fraction."
             )
         transform = build_segmentation_transforms(self.image_size, train=False)
-        return VolumeDataset(cases, self._intensity(), transform, self.mean, self.std, self.num_classes)
+        return VolumeDataset(
+            cases, self._intensity(), transform, self.mean, self.std, self.num_classes, cache=self.volume_cache()
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training slices; drops a last partial batch if more than one batch exists."""
