@@ -35,17 +35,36 @@ def _case(seed: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
     return image.astype(np.float32), label
 
 
+def _write_oblique(path: Path, array: np.ndarray) -> None:
+    """A NIfTI whose affine is rotated 20 degrees about z and shifted, as scanners write them."""
+    import nibabel as nib
+
+    angle = np.deg2rad(20.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(SPACING[::-1])  # (x, y, z) axes
+    affine[:3, 3] = (-120.0, 35.5, 80.25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), str(path))
+
+
 def write_dataset(root: Path, cases: int, names: dict, modality: str = "MRI", msd: bool = False,
-                  test_cases: int = 0, binary_255: bool = False) -> Path:
+                  test_cases: int = 0, binary_255: bool = False, oblique: bool = False) -> Path:
     classes = len(names)
     for index in range(cases + test_cases):
         image, label = _case(index, classes)
+        if modality == "CT":
+            image = image - 300.0  # HU-like: soft tissue around 0..400
         folder_images, folder_labels = ("imagesTs", "labelsTs") if index >= cases else ("imagesTr", "labelsTr")
         name = f"case_{index:03d}"
         image_name = f"{name}.nii.gz" if msd else f"{name}_0000.nii.gz"
-        write_volume(root / folder_images / image_name, image, SPACING)
         stored = (label * 255).astype(np.uint8) if binary_255 else label
-        write_volume(root / folder_labels / f"{name}.nii.gz", stored, SPACING)
+        if oblique:
+            _write_oblique(root / folder_images / image_name, image)
+            _write_oblique(root / folder_labels / f"{name}.nii.gz", stored)
+        else:
+            write_volume(root / folder_images / image_name, image, SPACING)
+            write_volume(root / folder_labels / f"{name}.nii.gz", stored, SPACING)
     if msd:
         meta = {"labels": {str(v): k for k, v in names.items()}, "modality": {"0": modality}}
     else:
@@ -54,13 +73,17 @@ def write_dataset(root: Path, cases: int, names: dict, modality: str = "MRI", ms
     return root
 
 
-def test_own_data_set_trains_with_its_own_class_names_and_nothing_else(tmp_path: Path) -> None:
+@pytest.mark.parametrize("modality, oblique", [("MRI", False), ("CT", True)])
+def test_own_data_set_trains_with_its_own_class_names_and_nothing_else(tmp_path: Path, modality: str, oblique: bool) -> None:
     names = {"background": 0, "hippocampus_anterior": 1, "hippocampus_posterior": 2}
-    root = write_dataset(tmp_path / "Dataset004_Hippocampus", cases=6, names=names, test_cases=2)
+    root = write_dataset(tmp_path / "Dataset004_Hippocampus", cases=6, names=names, test_cases=2,
+                         modality=modality, oblique=oblique)
     metrics = train(compose_config(["task=volume_seg", f"task.data.root={root}", *FAST]), run_dir=tmp_path / "run")
     assert set(metrics["test/per_organ"]) == {"hippocampus_anterior", "hippocampus_posterior"}
     assert set(metrics["test/cases"]) == {"case_006", "case_007"}  # imagesTs + labelsTs is the test split
     assert metrics["test/hd95_unit"] == "mm"
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "window: auto" in config
 
 
 def test_msd_form_and_modality_pick_the_intensity_rule(tmp_path: Path) -> None:
