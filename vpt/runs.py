@@ -35,6 +35,7 @@ __all__ = [
     "overlay_row",
     "first_test_volume",
     "save_with_organ_legend",
+    "save_figure",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ def check_run_dir(run_dir: Path, resuming: bool = False) -> None:
             "or choose another hydra.run.dir."
         )
     check_folder_writable(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not os.access(run_dir, os.W_OK):
-        raise ConfigError(f"Run folder {run_dir} is read-only for this user; choose a writable hydra.run.dir.")
 
 
 def _plain(value: Any) -> Any:
@@ -103,6 +102,16 @@ def write_json(path: Path, data: Mapping[str, Any], overwrite: bool = False) -> 
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} already exists; vpt does not overwrite results, choose another output folder.")
     return atomic_write_text(path, json.dumps(_plain(dict(data)), indent=2, allow_nan=True) + "\n")
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure atomically (a crash leaves the old picture or the new one) and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
 
 
 def _read_csv_log(metrics_csv: Path) -> dict[str, list[tuple[float, float]]]:
@@ -190,10 +199,7 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> Optional[Path]:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _denormalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -262,10 +268,7 @@ def save_classification_preview(
         true, pred = class_names[labels[index]], class_names[predictions[index]]
         axis.set_title(f"{true}\n-> {pred}", fontsize=7, color="black" if true == pred else "red")
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 _ORGAN_COLOURS = np.array(
@@ -286,7 +289,6 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
 def save_with_organ_legend(fig: Any, class_names: Sequence[str], out_png: Path) -> Path:
     """Add the organ colour legend (background left out) under ``fig``, save it and close it."""
     import matplotlib.patches
-    import matplotlib.pyplot as plt
 
     handles = [
         matplotlib.patches.Patch(color=_ORGAN_COLOURS[i % len(_ORGAN_COLOURS)], label=name)
@@ -297,10 +299,7 @@ def save_with_organ_legend(fig: Any, class_names: Sequence[str], out_png: Path) 
     # The legend takes a fixed height in inches, however tall the figure is.
     legend_inches = 0.22 * math.ceil(len(handles) / columns) + 0.15
     fig.tight_layout(rect=(0, min(0.3, legend_inches / fig.get_figheight()), 1, 1))
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)
 
 
 def first_test_volume(datamodule: Any) -> Optional[tuple[Any, Any]]:
@@ -523,10 +522,7 @@ def save_organ_dice_chart(organs: Mapping[str, Mapping[str, Any]], out_png: Path
     axis.set_xlabel("Dice (mean over the test cases holding the organ)")
     axis.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _save_prompt_pictures(

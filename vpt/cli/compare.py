@@ -26,11 +26,11 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vpt.atomic import atomic_path, atomic_write_text
+from vpt.atomic import atomic_write_text
 from vpt.cli.arguments import key_value_arguments
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
-from vpt.runs import check_folder_writable
+from vpt.runs import check_folder_writable, save_figure
 
 __all__ = ["compare_runs", "find_runs", "lower_is_better", "main", "OUTPUT_FILES"]
 
@@ -279,10 +279,7 @@ def _plot(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
     axis.margins(y=0.15)
     axis.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare_runs(

@@ -64,6 +64,7 @@ from vpt.data.medical.layouts import (
     SYNAPSE_CLASS_NAMES,
     class_names_from_dataset_json,
     detect_layout,
+    geometry_mismatches,
 )
 from vpt.errors import DataError
 
@@ -99,12 +100,6 @@ PROBLEM_LEVELS: dict[str, str] = {
     "unlabelled_test_case": "warning",  # an imagesTs/ image without a labelsTs/ label
     "unknown_file": "warning",  # a file the loaders ignore (not a volume, not an image)
 }
-
-# As check_geometry: header spacings may differ by float rounding, not by more.
-SPACING_RTOL = 1e-3
-# Origins in mm, direction cosines unitless; beyond these a label may be shifted or flipped.
-ORIGIN_ATOL_MM = 1e-3
-DIRECTION_ATOL = 1e-4
 
 _README = "data/README.md"
 # How many offending values a message lists before it says "...".
@@ -620,7 +615,9 @@ def _compare_geometry(
 ) -> None:
     """Report how ``path``'s grid differs from ``reference_path``'s (the label, or channel 0)."""
     this, other = findings.relative(path), findings.relative(reference_path)
-    if geometry.shape != reference.shape:
+    # The loaders' own rule, so the check reports what training would refuse or warn about.
+    mismatches = geometry_mismatches(reference, geometry)
+    if "shape" in mismatches:
         findings.add(
             "size_mismatch",
             f"{this} has shape {geometry.shape} but {other} has {reference.shape} (z, y, x); resample one onto the "
@@ -628,7 +625,7 @@ def _compare_geometry(
             case_id,
             path,
         )
-    if not np.allclose(geometry.spacing, reference.spacing, rtol=SPACING_RTOL, atol=1e-6):
+    if "spacing" in mismatches:
         findings.add(
             "spacing_mismatch",
             f"{this} has voxel spacing {_rounded(geometry.spacing)} mm but {other} has {_rounded(reference.spacing)} "
@@ -636,11 +633,7 @@ def _compare_geometry(
             case_id,
             path,
         )
-    if (
-        geometry.origin is not None
-        and reference.origin is not None
-        and not np.allclose(geometry.origin, reference.origin, rtol=0.0, atol=ORIGIN_ATOL_MM)
-    ):
+    if "origin" in mismatches:
         findings.add(
             "origin_mismatch",
             f"{this} has origin {_rounded(geometry.origin)} mm but {other} has {_rounded(reference.origin)} mm "
@@ -648,11 +641,7 @@ def _compare_geometry(
             case_id,
             path,
         )
-    if (
-        geometry.direction is not None
-        and reference.direction is not None
-        and not np.allclose(geometry.direction, reference.direction, rtol=0.0, atol=DIRECTION_ATOL)
-    ):
+    if "direction" in mismatches:
         findings.add(
             "direction_mismatch",
             f"{this} has direction {_rounded(geometry.direction)} but {other} has {_rounded(reference.direction)}; "

@@ -471,6 +471,28 @@ def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(round(float(value), 4) for value in values)
 
 
+def geometry_mismatches(image: VolumeGeometry, label: VolumeGeometry) -> list[str]:
+    """Which of ``"shape"``, ``"spacing"``, ``"origin"``, ``"direction"`` differ between two grids.
+
+    The one rule the loaders (:func:`check_geometry`) and ``vpt-check-data`` share: spacing to
+    0.1 % (header rounding), origin to 1 % of the smallest voxel side, direction cosines to
+    1e-3. Origin and direction are only compared when both headers carry them.
+    """
+    found = []
+    if tuple(image.shape) != tuple(label.shape):
+        found.append("shape")
+    if len(image.spacing) != len(label.spacing) or not np.allclose(label.spacing, image.spacing, rtol=_SPACING_RTOL, atol=1e-6):
+        found.append("spacing")
+    if image.origin is not None and label.origin is not None:
+        tolerance = _ORIGIN_VOXEL_SHARE * min(image.spacing)
+        if not np.allclose(label.origin, image.origin, rtol=1e-5, atol=tolerance):
+            found.append("origin")
+    if image.direction is not None and label.direction is not None:
+        if not np.allclose(label.direction, image.direction, atol=_DIRECTION_ATOL):
+            found.append("direction")
+    return found
+
+
 def check_geometry(case: Case, image: VolumeGeometry, label: VolumeGeometry) -> None:
     """Check that a case's label lies on its image's voxel grid.
 
@@ -487,31 +509,29 @@ def check_geometry(case: Case, image: VolumeGeometry, label: VolumeGeometry) -> 
     Raises:
         DataError: Shapes or spacings differ.
     """
-    if image.shape != label.shape:
+    mismatches = geometry_mismatches(image, label)
+    if "shape" in mismatches:
         raise _shape_mismatch(case, image.shape, label.shape)
-    if not np.allclose(label.spacing, image.spacing, rtol=_SPACING_RTOL, atol=1e-6):
+    if "spacing" in mismatches:
         raise DataError(
             f"Case {case.case_id}: image {case.image} has voxel spacing {_rounded(image.spacing)} mm but label "
             f"{case.label} has {_rounded(label.spacing)} mm (z, y, x); resample the label onto the image grid "
             "(nearest neighbour) or correct the spacing in the label's header."
         )
-    if image.origin is not None and label.origin is not None:
-        tolerance = _ORIGIN_VOXEL_SHARE * min(image.spacing)
-        if not np.allclose(label.origin, image.origin, rtol=1e-5, atol=tolerance):
-            warn_once(
-                _logger,
-                "Case %s: image %s has origin %s mm but label %s has %s mm (x, y, z); they are paired voxel by "
-                "voxel, so check that the label is not shifted or resample it onto the image grid.",
-                case.case_id, case.image, _rounded(image.origin), case.label, _rounded(label.origin),
-            )
-    if image.direction is not None and label.direction is not None:
-        if not np.allclose(label.direction, image.direction, atol=_DIRECTION_ATOL):
-            warn_once(
-                _logger,
-                "Case %s: image %s and label %s have different direction matrices %s and %s; they are paired "
-                "voxel by voxel, so check that the label is not flipped or resample it onto the image grid.",
-                case.case_id, case.image, case.label, _rounded(image.direction), _rounded(label.direction),
-            )
+    if "origin" in mismatches:
+        warn_once(
+            _logger,
+            "Case %s: image %s has origin %s mm but label %s has %s mm (x, y, z); they are paired voxel by "
+            "voxel, so check that the label is not shifted or resample it onto the image grid.",
+            case.case_id, case.image, _rounded(image.origin), case.label, _rounded(label.origin),
+        )
+    if "direction" in mismatches:
+        warn_once(
+            _logger,
+            "Case %s: image %s and label %s have different direction matrices %s and %s; they are paired "
+            "voxel by voxel, so check that the label is not flipped or resample it onto the image grid.",
+            case.case_id, case.image, case.label, _rounded(image.direction), _rounded(label.direction),
+        )
 
 
 def load_case(case: Case, label_only: bool = False) -> CaseArrays:
