@@ -20,7 +20,7 @@ from vpt.backbones.sam import build_sam
 from vpt.methods import apply_method, available_methods
 
 # Options that make the table match the configs' defaults (configs/method/*.yaml).
-DEFAULTS = {"vpt_deep": {"num_tokens": 50}, "vpt_shallow": {"num_tokens": 50}, "partial": {"blocks": 1}}
+DEFAULTS = {"vpt_deep": {"num_tokens": 50}, "vpt_shallow": {"num_tokens": 50}, "partial": {"k": 1}}
 
 
 def count(model: torch.nn.Module) -> tuple[int, int]:

@@ -36,7 +36,7 @@ METHODS = {
     "lora": {},
     "adapter": {},
     "bitfit": {},
-    "partial": {"blocks": 1},
+    "partial": {"k": 1},
 }
 CLASSES = 5
 
@@ -208,8 +208,8 @@ def test_options_of_other_methods_are_dropped_with_a_warning_typos_are_refused(c
         method_config("lora", rnak=2)
     with pytest.raises(ConfigError, match="method.targets"):
         method_config("lora", targets=["qkv", "q"])
-    with pytest.raises(ConfigError, match="method.blocks"):
-        apply_method(make_tiny_vit(), "partial", blocks=9)
+    with pytest.raises(ConfigError, match="method.k=9"):
+        apply_method(make_tiny_vit(), "partial", k=9)
 
 
 def test_adapter_and_lora_dropout_train_while_the_encoder_is_held_in_eval() -> None:

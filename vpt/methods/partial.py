@@ -16,24 +16,24 @@ __all__ = ["PartialConfig"]
 @dataclass
 class PartialConfig(MethodConfig):
     """Args:
-        blocks: How many of the last transformer blocks train (the paper's k; 1 is common).
+        k: How many of the last transformer blocks train (the paper's Partial-k; 1 is common).
     """
 
-    blocks: int = 1
+    k: int = 1
 
     def __post_init__(self) -> None:
-        if self.blocks < 1:
-            raise ConfigError(f"method.blocks must be >= 1, got {self.blocks}.")
+        if self.k < 1:
+            raise ConfigError(f"method.k must be >= 1, got {self.k}.")
 
 
 @register_method("partial", PartialConfig)
 def partial(encoder: nn.Module, config: PartialConfig) -> nn.Module:
-    """The last ``blocks`` transformer blocks train (in train mode); the others stay frozen."""
+    """The last ``k`` transformer blocks train (in train mode); the others stay frozen."""
     model = wrap_encoder(encoder, 0)
     blocks = encoder_blocks(model)
-    if config.blocks > len(blocks):
-        raise ConfigError(f"method.blocks={config.blocks} but the encoder has {len(blocks)} blocks; pick 1 to {len(blocks)}.")
-    for block in blocks[-config.blocks:]:
+    if config.k > len(blocks):
+        raise ConfigError(f"method.k={config.k} but the encoder has {len(blocks)} blocks; pick 1 to {len(blocks)}.")
+    for block in blocks[-config.k:]:
         block.requires_grad_(True)
         mark_follows_train_mode(block)
     return model
