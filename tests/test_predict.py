@@ -60,11 +60,15 @@ def phantom(runs) -> np.ndarray:
 
 
 def _reference_slices(run: LoadedRun, volume: np.ndarray) -> torch.Tensor:
-    """The run's test-time preprocessing written out plainly: CT window, resize, normalise."""
+    """The run's test-time preprocessing written out plainly: CT window, slices z-1, z, z+1
+    (edges repeated) as channels, resize, normalise."""
     datamodule = run.parts.datamodule
+    assert datamodule.geometry.context_slices == 1 and not datamodule.geometry.tiled
     unit = window_ct(volume, *datamodule.window)
+    padded = np.concatenate([unit[:1], unit, unit[-1:]])
+    planes = [np.stack([padded[z], padded[z + 1], padded[z + 2]], axis=-1) for z in range(len(unit))]
     transform = build_segmentation_transforms(datamodule.image_size, train=False)
-    return torch.stack([to_model_input(transform(image=s)["image"], datamodule.mean, datamodule.std) for s in unit])
+    return torch.stack([to_model_input(transform(image=s)["image"], datamodule.mean, datamodule.std) for s in planes])
 
 
 def _reference_labels(run: LoadedRun, volume: np.ndarray) -> np.ndarray:
@@ -133,7 +137,6 @@ def test_oblique_shifted_nifti_aligns_voxel_for_voxel(runs, seg_run, phantom, tm
     # The voxels: the labels testing would give, at the same (z, y, x) positions.
     labels = np.asarray(mask.dataobj).transpose(2, 1, 0)
     expected = _reference_labels(seg_run, read_volume(scan)[0])
-    assert len(np.unique(expected)) > 1, "a constant prediction would not show a misalignment"
     np.testing.assert_array_equal(labels, expected)
 
     # Probabilities: a vector image on the same grid, summing to 1, whose argmax is the mask.
@@ -144,7 +147,11 @@ def test_oblique_shifted_nifti_aligns_voxel_for_voxel(runs, seg_run, phantom, tm
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
     chosen = np.take_along_axis(probabilities, labels[..., None].astype(np.int64), axis=-1)[..., 0]
     np.testing.assert_array_equal(chosen, probabilities.max(axis=-1))  # ties aside, argmax == mask
-    np.testing.assert_allclose(probabilities, _reference_probabilities(seg_run, read_volume(scan)[0]), atol=1e-5)
+    reference = _reference_probabilities(seg_run, read_volume(scan)[0])
+    # Labels of a barely trained model may be all background; the probabilities still vary
+    # over the anatomy, so a shifted or flipped grid fails here.
+    assert reference[..., 0].std() > 1e-3, "a constant prediction would not show a misalignment"
+    np.testing.assert_allclose(probabilities, reference, atol=1e-5)
 
 
 def test_folder_of_volumes_keeps_each_format(runs, seg_run, phantom, tmp_path) -> None:

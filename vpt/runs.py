@@ -392,14 +392,21 @@ def slice_title(case: str, index: int, truth: np.ndarray, prediction: np.ndarray
 
 
 def overlay_row(
-    image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, mean: Sequence[float], std: Sequence[float]
+    image: np.ndarray,
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    valid_size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three pictures of one overlay row at the label's native resolution.
 
     Args:
-        image: The normalised model input slice, (3, H, W).
+        image: The normalised model input slice, (3, H, W); the middle channel is the slice
+            itself (with 2.5D context the others are its neighbours).
         truth: Ground-truth labels, (H0, W0).
         prediction: Predicted labels, (H0, W0).
+        valid_size: The part of ``image`` that is the slice (tiled inputs are padded).
 
     Returns:
         Image, ground-truth overlay and prediction overlay, each (H0, W0, 3) in [0, 1]; the
@@ -407,7 +414,10 @@ def overlay_row(
     """
     import torch
 
-    gray = np.clip(image[0] * float(std[0]) + float(mean[0]), 0.0, 1.0).astype(np.float32)
+    middle = image.shape[0] // 2
+    gray = np.clip(image[middle] * float(std[middle]) + float(mean[middle]), 0.0, 1.0).astype(np.float32)
+    if valid_size is not None:
+        gray = np.ascontiguousarray(gray[: int(valid_size[0]), : int(valid_size[1])])
     size = tuple(truth.shape[-2:])
     if gray.shape != size:
         gray = torch.nn.functional.interpolate(
@@ -427,7 +437,7 @@ def save_segmentation_overlays(
     are drawn at the label's native resolution and titled by :func:`slice_title`.
 
     Args:
-        module: Has ``predict_volume(slices (D, 3, H, W), out_size) -> (D, H0, W0)``.
+        module: Has ``predict_volume(slices (D, 3, H, W), out_size, valid_size) -> (D, H0, W0)``.
         datamodule: Its ``test_dataloader()`` yields one volume per batch with ``image``
             (1, D, 3, H, W), ``label`` (1, D, H0, W0) and ``case`` ([id]); has ``mean`` and ``std``.
 
@@ -456,11 +466,13 @@ def save_segmentation_overlays(
         case = batch.get("case", [f"case {case_number}"])
         case = str(case[0] if isinstance(case, (list, tuple)) else case)
         truth = label.cpu().numpy()
-        prediction = module.predict_volume(slices, tuple(truth.shape[-2:])).cpu().numpy()
+        valid = batch.get("valid_size")
+        valid_size = tuple(int(v) for v in valid.reshape(-1)[-2:].tolist()) if valid is not None else None
+        prediction = module.predict_volume(slices, tuple(truth.shape[-2:]), valid_size).cpu().numpy()
         # Rows left over by a case with few slices go to the next one.
         share = math.ceil((count - len(rows)) / (cases - case_number))
         for z in choose_covering_slices(truth, prediction, share):
-            pictures = overlay_row(slices[z].float().cpu().numpy(), truth[z], prediction[z], mean, std)
+            pictures = overlay_row(slices[z].float().cpu().numpy(), truth[z], prediction[z], mean, std, valid_size)
             rows.append((slice_title(case, z, truth[z], prediction[z], class_names), pictures))
     if not rows:
         return None

@@ -128,7 +128,10 @@ def _segment(
             image = read_input_volume(item)
             unit = preprocessing.unit_volume(volume_array(image, item), item.name, str(item.path))
             with _bar(progress, total=unit.shape[0], desc=item.name, unit="slice", leave=False) as slices:
-                labels, scores = predictor.predict_volume(unit, preprocessing, save_probabilities, slices.update)
+                spacing = tuple(image.GetSpacing())  # (x, y[, z]) mm
+                labels, scores = predictor.predict_volume(
+                    unit, preprocessing, save_probabilities, slices.update, spacing=(spacing[1], spacing[0])
+                )
             written += write_label_volume(labels, image, plan.mask)
             if scores is not None and plan.probabilities is not None:
                 written += write_probability_volume(scores, image, plan.probabilities)

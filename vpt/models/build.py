@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vpt.errors import ConfigError
-from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder, SamSingleMaskDecoder
+from vpt.heads import MultiLevelDecoder, PatchTokenDecoder, evenly_spaced_blocks, SamMulticlassDecoder, SamSingleMaskDecoder
 from vpt.methods import apply_method, build_method, options_of
 from vpt.models.segmenters import InteractiveSamSegmenter, SamSegmenter, VitSegmenter
 
@@ -127,13 +127,31 @@ def build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, d
     return SamSegmenter(encoder, decoder), data
 
 
+DECODERS = ("multilevel", "light")
+
+
 def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """timm ViT (method applied) -> patch-token decoder, and the data settings."""
+    """timm ViT (method applied) -> decoder (``task.decoder``), and the data settings.
+
+    ``task.decoder=multilevel`` (default) reads ``task.decoder_levels`` evenly spaced blocks
+    and the image (:class:`~vpt.heads.MultiLevelDecoder`); ``light`` is the last block's
+    patch tokens only (:class:`~vpt.heads.PatchTokenDecoder`). ``task.decoder_dim`` sets
+    the width of either.
+    """
+    kind = str(cfg.task.get("decoder", "multilevel"))
+    if kind not in DECODERS:
+        raise ConfigError(f"task.decoder={kind} is not a decoder; use one of {', '.join(DECODERS)}.")
     vit, data = build_vit(cfg)
     name, options = _method(cfg)
     encoder = apply_method(vit, name, **options)
     encoder.reset_classifier(0)
-    decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=int(cfg.task.get("decoder_dim", 128)))
+    width = int(cfg.task.get("decoder_dim", 128))
+    decoder: nn.Module
+    if kind == "light":
+        decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=width)
+    else:
+        blocks = evenly_spaced_blocks(len(vit.blocks), int(cfg.task.get("decoder_levels", 4)))
+        decoder = MultiLevelDecoder(vit.embed_dim, num_classes, blocks, hidden_dim=width, in_chans=vit.patch_embed.proj.in_channels)
     return VitSegmenter(encoder, decoder), data
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vpt.heads import PatchTokenDecoder, SamMulticlassDecoder, SamSingleMaskDecoder
+from vpt.heads import MultiLevelDecoder, SamMulticlassDecoder, SamSingleMaskDecoder
 
 __all__ = ["SamSegmenter", "VitSegmenter", "InteractiveSamSegmenter"]
 
@@ -35,20 +35,24 @@ class SamSegmenter(nn.Module):
 
 
 class VitSegmenter(nn.Module):
-    """Prompted timm ViT -> patch-token decoder.
+    """Prompted timm ViT -> segmentation decoder.
 
     Args:
         encoder: A :class:`~vpt.prompts.PromptedViT` (its classifier is unused).
-        decoder: A :class:`~vpt.heads.PatchTokenDecoder`.
+        decoder: A :class:`~vpt.heads.MultiLevelDecoder` (reads the grids of several
+            blocks and the image; logits at the input size) or the light
+            :class:`~vpt.heads.PatchTokenDecoder` (last block only; logits at 4x the patch grid).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: PatchTokenDecoder) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> class logits (B, C, 4 H/p, 4 W/p) for patch size p."""
+        """Images (B, 3, H, W) -> class logits (B, C, H, W) (multi-level) or (B, C, 4 H/p, 4 W/p) (light)."""
+        if isinstance(self.decoder, MultiLevelDecoder):
+            return self.decoder(self.encoder.forward_intermediates(images, self.decoder.blocks), images)
         tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens :]
         patch = self.encoder.vit.patch_embed.patch_size
         grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])

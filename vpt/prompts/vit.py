@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Set
+from typing import Any, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -200,29 +200,72 @@ class PromptedViT(nn.Module):
         Returns:
             (B, num_prefix_tokens + num_patches, D), as timm's ``forward_features``.
         """
+        x, _ = self._forward_blocks(x, prompt_sets, ())
+        return self.vit.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Patch-token maps after the blocks ``indices`` (0-based), for dense decoders.
+
+        Only patch tokens are returned: prefix tokens and prompts (shallow prompts travel
+        with the tokens, deep ones never enter them) are removed, so a decoder sees the grid
+        the prompts adapted but never the prompts themselves. The final norm is not applied
+        (as UNETR and DPT read ViT blocks); a decoder normalises each level itself.
+
+        Args:
+            x: Images, (B, C, H, W), at the model's input size.
+            indices: Block indices, ascending, each in ``0 .. depth - 1``.
+
+        Returns:
+            One (B, D, H / patch, W / patch) map per index, in the order given.
+        """
+        depth = len(self.vit.blocks)
+        wanted = [int(index) for index in indices]
+        if not wanted or any(not 0 <= index < depth for index in wanted) or wanted != sorted(set(wanted)):
+            raise ConfigError(f"Block indices {list(indices)} are not valid for a {depth}-block ViT; give distinct ascending indices in 0..{depth - 1}.")
+        patch = self.vit.patch_embed.patch_size
+        grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
+        _, kept = self._forward_blocks(x, None, wanted)
+        prefix = self.num_prefix_tokens
+        maps = []
+        for tokens in kept:
+            patches = tokens[:, prefix:]
+            if patches.shape[1] != grid[0] * grid[1]:
+                raise ConfigError(f"{patches.shape[1]} patch tokens do not fill the {grid[0]}x{grid[1]} patch grid of a {tuple(x.shape[-2:])} input.")
+            maps.append(patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *grid))
+        return maps
+
+    def _forward_blocks(
+        self, x: torch.Tensor, prompt_sets: Optional[torch.Tensor], keep: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embed and run every block; returns the prompt-free tokens after the last block
+        (no final norm) and, for each block index in ``keep``, its prompt-free output
+        (prefix + patches), deep or shallow prompts removed."""
         x = self._embed(x)
         batch = x.shape[0]
         depth = len(self.vit.blocks)
         if prompt_sets is not None:
             self._check_prompt_sets(prompt_sets, batch)
+        keep = set(keep)
+        kept: list[torch.Tensor] = []
 
         def prompts_of(index: int) -> torch.Tensor:
             return self.prompts(index, batch) if prompt_sets is None else prompt_sets[:, index]
 
-        if self.num_tokens == 0:
-            for index in range(depth):
-                x = self._run_block(index, x, None)
-        elif self.deep:
-            for index in range(depth):
-                x = self._run_block(index, x, prompts_of(index))
-        else:
-            prefix = self.num_prefix_tokens
+        prefix = self.num_prefix_tokens
+        shallow = self.num_tokens > 0 and not self.deep
+
+        def without_prompts(tokens: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tokens[:, :prefix], tokens[:, prefix + self.num_tokens :]], dim=1) if shallow else tokens
+
+        if shallow:
             prompts = prompts_of(0).expand(batch, -1, -1)
             x = torch.cat([x[:, :prefix], prompts, x[:, prefix:]], dim=1)
-            for index in range(depth):
-                x = self._run_block(index, x, None)
-            x = torch.cat([x[:, :prefix], x[:, prefix + self.num_tokens :]], dim=1)
-        return self.vit.norm(x)
+        for index in range(depth):
+            deep_prompts = prompts_of(index) if self.num_tokens > 0 and self.deep else None
+            x = self._run_block(index, x, deep_prompts)
+            if index in keep:
+                kept.append(without_prompts(x))
+        return without_prompts(x), kept
 
     def _check_prompt_sets(self, prompt_sets: torch.Tensor, batch: int) -> None:
         sets = len(self.vit.blocks) if self.deep else 1

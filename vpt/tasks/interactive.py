@@ -388,6 +388,12 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     class_names = plan_segmentation_data(task_cfg)
     model, data = build_interactive_sam(cfg)
     datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=len(class_names), **data)
+    geometry = getattr(datamodule, "geometry", None)
+    if geometry is not None and geometry.tiled:
+        raise ConfigError(
+            "Interactive segmentation prompts whole slices; remove task.data.spacing and task.data.patch_size "
+            "(tiles are for task=organ_seg / volume_seg)."
+        )
     cap = task_cfg.get("max_prompts_per_slice", 4)
     module = InteractiveSegmentationTask(
         model,

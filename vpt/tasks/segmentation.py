@@ -9,15 +9,18 @@ configured method applied (:func:`vpt.apply_method`) and a decoder.
   mask decoder answering every class at once (:class:`SamMulticlassDecoder`,
   no clicks). The prompt encoder stays frozen; the mask decoder trains unless
   ``task.train_decoder=false``.
-- ``model.family: timm`` — a timm ViT (:class:`PromptedViT`) with a light decoder
-  on its patch tokens (:class:`PatchTokenDecoder`).
+- ``model.family: timm`` — a timm ViT (:class:`PromptedViT`) with the multi-level decoder
+  (:class:`MultiLevelDecoder`, several blocks and the image; ``task.decoder=multilevel``)
+  or the light one on the last block's patch tokens (:class:`PatchTokenDecoder`,
+  ``task.decoder=light``).
 
-Training sees 2D slices; the loss (cross-entropy + soft Dice, weights in the task config)
-is computed at the model's input resolution, on logits upsampled bilinearly from the
-decoder's output (1/4 of the input for both families). Validation logs slice-level Dice.
-Testing predicts each test volume slice by slice, resizes the logits to the original slice
-size, and scores the 3D label volume per organ (Dice, HD95 in mm when the spacing is known)
-with :func:`vpt.metrics.volume_scores`.
+Training sees 2D slices (or tiles; with ``task.data.context_slices=1`` the neighbouring
+slices are the other two channels); the loss (cross-entropy + soft Dice, weights in the
+task config) is computed at the model's input resolution, on logits upsampled bilinearly
+from the decoder's output. Validation logs slice-level Dice. Testing predicts each test
+volume slice by slice (whole slices, or overlapping tiles blended), brings the logits back
+to the original slice grid, and scores the 3D label volume per organ (Dice, HD95 in mm when
+the spacing is known) with :func:`vpt.metrics.volume_scores`.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         dice_weight: Weight of soft Dice in the loss.
         eval_batch_size: Slices per forward pass when predicting a test volume.
         nsd_tolerance: Tolerance of the Normalised Surface Dice, mm (voxels without spacing).
+        geometry: How test slices become logits (tiles or whole slices); the data module's
+            :class:`~vpt.data.medical.slicing.SliceGeometry`. None: whole slices.
         backbone_id: Names the frozen encoder; checkpoints of another are refused.
         hparams: The resolved config as plain containers.
     """
@@ -93,6 +98,7 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         dice_weight: float = 0.5,
         eval_batch_size: int = 16,
         nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+        geometry: Optional[Any] = None,
         backbone_id: str = "",
         hparams: Optional[dict[str, Any]] = None,
     ) -> None:
@@ -102,6 +108,7 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         self.dice_weight = dice_weight
         self.eval_batch_size = eval_batch_size
         self.nsd_tolerance = float(nsd_tolerance)
+        self.geometry = geometry
         self.train_dice = SliceDice(num_classes)
         self.val_dice = SliceDice(num_classes)
         self.case_scores: dict[str, dict[int, dict[str, float]]] = {}
@@ -144,21 +151,29 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
         self.val_dice.reset()
 
     @torch.no_grad()
-    def predict_volume(self, slices: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    def predict_volume(
+        self, slices: torch.Tensor, out_size: tuple[int, int], valid_size: Optional[tuple[int, int]] = None
+    ) -> torch.Tensor:
         """Label volume for one case.
 
         Args:
-            slices: (D, 3, H, W) model-ready slices.
+            slices: (D, 3, H, W) network-ready slices (the data module's test items): at the
+                model's input size, or resampled slices for tiled prediction.
             out_size: (H0, W0) of the original label slices.
+            valid_size: The part of each slice that is not padding (tiles), or None.
 
         Returns:
-            (D, H0, W0) int64 labels: logits resized to the original size, then argmax.
+            (D, H0, W0) int64 labels: logits (whole-slice or blended tiles,
+            :func:`vpt.inference.tiling.slice_logits`) cut to ``valid_size``, resized to the
+            original size, then argmax.
         """
+        from vpt.inference.tiling import slice_logits, to_original_grid
+
         labels = []
         for start in range(0, slices.shape[0], self.eval_batch_size):
-            logits = self.model(slices[start : start + self.eval_batch_size].to(self.device))
-            logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
-            labels.append(logits.argmax(dim=1).cpu())
+            inputs = slices[start : start + self.eval_batch_size].to(self.device)
+            logits = slice_logits(self.model, inputs, self.geometry, self.eval_batch_size)
+            labels.append(to_original_grid(logits, out_size, valid_size).argmax(dim=1).cpu())
         return torch.cat(labels)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -185,7 +200,9 @@ class SegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L.LightningM
                 spacing_values = tuple(float(v) for v in values)
         if spacing_values is None:
             self.spacing_known = False
-        prediction = self.predict_volume(slices, tuple(label.shape[-2:]))
+        valid = batch.get("valid_size")
+        valid_size = tuple(int(v) for v in torch.as_tensor(valid).reshape(-1)[-2:].tolist()) if valid is not None else None
+        prediction = self.predict_volume(slices, tuple(label.shape[-2:]), valid_size)
         self.case_scores[str(case)] = volume_scores(
             prediction.numpy(), label.cpu().numpy(), self.num_classes, spacing=spacing_values,
             nsd_tolerance=self.nsd_tolerance,
@@ -283,6 +300,7 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
         dice_weight=float(task_cfg.loss.dice_weight),
         eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
         nsd_tolerance=float(task_cfg.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
+        geometry=getattr(datamodule, "geometry", None),
         backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -11,16 +11,19 @@ Batches:
   float32 normalised, "mask": (B, H, W) int64, "case": list[str], "slice": (B,) int64}``.
 - ``test_dataloader`` / ``dataloader(split, volumes=True)``: batch size 1, ``{"image":
   (1, D, 3, H, W) float32 normalised, "label": (1, D, H0, W0) int64 at the original
-  resolution, "spacing": (1, 3) float32 mm (z, y, x) or NaN when unknown, "case": [str]}``.
-  Predict slice by slice at ``(H, W)``, resize the predictions to ``(H0, W0)`` (nearest for
-  labels, or bilinear on logits), then score the ``(D, H0, W0)`` volume.
+  resolution, "spacing": (1, 3) float32 mm (z, y, x) or NaN when unknown, "valid_size":
+  (1, 2), "case": [str]}``. :meth:`vpt.tasks.SegmentationTask.predict_volume` turns the
+  slices into logits (whole, or tile by tile), cuts them to ``valid_size``, resizes them
+  bilinearly to ``(H0, W0)`` and takes the argmax; the ``(D, H0, W0)`` volume is scored.
 
 Intensities: CT (raw HU, nnU-Net layout) is clipped to ``window`` and scaled to [0, 1];
 with ``window=None`` each volume is scaled by its 0.5/99.5 percentiles instead (MRI and
 other units). Synapse files and 2D images are already in [0, 1] and are used as they are.
-The [0, 1] slice is replicated to RGB and normalised with the backbone's ``mean``/``std``.
-Slices are resized to ``image_size`` regardless of their pixel spacing, as TransUNet and
-SAMed do.
+The three input channels are slices z-1, z, z+1 with ``context_slices=1`` (else slice z
+three times), normalised with the backbone's ``mean``/``std``. By default slices are
+resized to ``image_size`` regardless of their pixel spacing, as TransUNet and SAMed do;
+``spacing`` / ``patch_size`` resample them to a pixel size and work on tiles instead
+(:mod:`vpt.data.medical.slicing`).
 
 Memory: with ``cache=True`` (the default) each case is read, checked and scaled once into
 ``.npy`` files under ``cache_dir`` (see :mod:`vpt.data.medical.cache`) and every item reads
@@ -33,7 +36,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ from vpt.data.medical.phantom import (
     PHANTOM_MARKER,
     write_phantom_dataset,
 )
+from vpt.data.medical.slicing import SliceGeometry, context_stack
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
 from vpt.data.splits import group_split
@@ -110,6 +114,11 @@ def binary_mask_as_classes(label: np.ndarray, num_classes: int, case_id: str, so
         return label
     warn_once(_logger, "Binary masks stored as 0/255 (first seen: case %s, %s) are read as 0/1.", case_id, source)
     return (label == 255).astype(label.dtype)
+
+
+def _in_plane(spacing: Sequence[float] | None) -> tuple[float, float] | None:
+    """The in-plane (y, x) part of a (z, y, x) spacing."""
+    return None if spacing is None else (float(spacing[1]), float(spacing[2]))
 
 
 def _mask_dtype(num_classes: int) -> type[np.integer]:
@@ -177,11 +186,15 @@ class _SliceRecord:
 
     case_id: str
     slice_number: int
-    image: np.ndarray | None = None  # (H, W) float16 in [0, 1], or (H, W, 3)
+    image: np.ndarray | None = None  # (H, W) float16 in [0, 1], or (H, W, 3) (colour, or context z-1, z, z+1)
     label: np.ndarray | None = None  # (H, W) uint8/uint16
     path: Path | None = None  # Synapse npz slice, read per item
+    neighbours: tuple[Path, Path] | None = None  # Synapse npz slices z-1 and z+1 (edges clamped)
     cached: CachedCase | None = None  # cache entry of the case (shared by its slices), read per item
     position: int = 0  # index of the slice in the cached volume
+    spacing: tuple[float, float] | None = None  # in-plane (y, x) mm, None when unknown
+    shape: tuple[int, int] = (0, 0)  # (H, W) of the slice as stored
+    tile: tuple[int, int] | None = None  # validation tile origin (y, x) on the network grid
 
 
 class SliceDataset(Dataset):
@@ -193,6 +206,8 @@ class SliceDataset(Dataset):
         mean: Backbone normalisation mean, [0, 1] units.
         std: Backbone normalisation standard deviation, [0, 1] units.
         num_classes: Number of classes (sets the mask type).
+        geometry: Context slices, resampling and tiles (:class:`SliceGeometry`); ``None``
+            is one slice, whole, resized by ``transform``.
     """
 
     def __init__(
@@ -202,11 +217,13 @@ class SliceDataset(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         num_classes: int,
+        geometry: SliceGeometry | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform  # the name reseed_worker_transform looks for
         self.mean, self.std = tuple(mean), tuple(std)
         self.mask_dtype = _mask_dtype(num_classes)
+        self.geometry = geometry
 
     def __len__(self) -> int:
         return len(self.records)
@@ -218,18 +235,32 @@ class SliceDataset(Dataset):
             ``{"image": (3, H, W) float32, "mask": (H, W) int64, "case": str, "slice": int}``.
         """
         record = self.records[index]
+        context = self.geometry.context_slices if self.geometry is not None else 0
         if record.path is not None:
             image, label = read_npz_slice(record.path)
             # Synapse slice images are first read here, in a worker, so this is where a NaN shows.
             check_finite(image, record.path, record.case_id)
+            if context and record.neighbours is not None:
+                before, after = (read_npz_slice(path)[0] for path in record.neighbours)
+                for path, plane in zip(record.neighbours, (before, after)):
+                    check_finite(plane, path, record.case_id)
+                image = np.stack([before, image, after], axis=-1)
             image = np.clip(image, 0.0, 1.0)
         elif record.cached is not None:
             # Mapped per item and released with it, so no whole volume stays resident here.
-            image = np.array(record.cached.image()[record.position])
+            image = np.array(context_stack(record.cached.image(), record.position, context))
             label = np.array(record.cached.label()[record.position])
         else:
             image, label = record.image, record.label
-        out = self.transform(image=image.astype(np.float32), mask=label.astype(self.mask_dtype, copy=False))
+        image = image.astype(np.float32)
+        label = label.astype(self.mask_dtype, copy=False)
+        if self.geometry is not None:
+            image = self.geometry.network_plane(image, record.spacing)
+            label = self.geometry.network_label(label, record.spacing)
+            if record.tile is not None:
+                (top, left), (height, width) = record.tile, self.geometry.patch_size  # type: ignore[misc]
+                image, label = image[top : top + height, left : left + width], label[top : top + height, left : left + width]
+        out = self.transform(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(label))
         return {
             "image": to_model_input(out["image"], self.mean, self.std),
             "mask": torch.from_numpy(out["mask"].astype(np.int64)),
@@ -250,6 +281,7 @@ class VolumeDataset(Dataset):
         num_classes: Number of classes, to check the labels.
         cache: Where the cases' preprocessed arrays are read from (built on first use);
             ``None`` reads and scales the source files per item.
+        geometry: Context slices, resampling and tiles; ``None`` is one slice, whole.
     """
 
     def __init__(
@@ -261,8 +293,10 @@ class VolumeDataset(Dataset):
         std: Sequence[float],
         num_classes: int,
         cache: VolumeCache | None = None,
+        geometry: SliceGeometry | None = None,
     ) -> None:
         self.cases = list(cases)
+        self.geometry = geometry
         self.to_unit = to_unit
         self.transform = transform
         self.mean, self.std = tuple(mean), tuple(std)
@@ -277,7 +311,10 @@ class VolumeDataset(Dataset):
 
         Returns:
             ``{"image": (D, 3, H, W) float32, "label": (D, H0, W0) int64, "spacing": (3,)
-            float32 (NaN when unknown), "case": str}``.
+            float32 (NaN when unknown), "case": str, "valid_size": (2,) int64}``: with tiles
+            ``(H, W)`` is the resampled slice padded to a tile at least, and ``valid_size``
+            the part of it that is the slice (the rest is padding); else ``(H, W)`` is the
+            model's input size and ``valid_size`` equals it.
         """
         case = self.cases[index]
         if self.cache is not None:
@@ -289,12 +326,24 @@ class VolumeDataset(Dataset):
             label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
             check_label_values(label, self.num_classes, case.case_id, case.label)
             unit, spacing = self.to_unit(arrays.image, case), arrays.spacing
-        slices = [
-            to_model_input(self.transform(image=np.asarray(plane, dtype=np.float32))["image"], self.mean, self.std)
-            for plane in unit
-        ]
+        geometry = self.geometry
+        context = geometry.context_slices if geometry is not None else 0
+        in_plane = tuple(spacing[1:]) if spacing is not None else None
+        slices = []
+        for position in range(len(unit)):
+            plane = context_stack(unit, position, context).astype(np.float32)
+            if geometry is not None:
+                plane = geometry.network_plane(plane, in_plane)
+            if geometry is None or not geometry.tiled:
+                plane = self.transform(image=plane)["image"]
+            slices.append(to_model_input(plane, self.mean, self.std))
+        if geometry is not None and geometry.tiled:
+            valid = geometry.resampled_size(tuple(np.shape(label)[1:3]), in_plane)
+        else:
+            valid = tuple(slices[0].shape[-2:])
         spacing = spacing if spacing is not None else (float("nan"),) * 3
         return {
+            "valid_size": torch.tensor(valid, dtype=torch.int64),
             "image": torch.stack(slices),
             "label": torch.from_numpy(np.asarray(label).astype(np.int64)),
             "spacing": torch.tensor(spacing, dtype=torch.float32),
@@ -355,6 +404,14 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         cache_dir: The cache folder; ``None`` uses ``<root>/.vpt_cache``, or a folder under
             the system temp dir when ``root`` cannot be written. Entries are keyed by the
             preprocessing settings and rebuilt when a source file changes.
+        context_slices: 1 feeds slices z-1, z, z+1 as the three input channels (2.5D;
+            edges clamp); 0 repeats slice z (see :mod:`vpt.data.medical.slicing`).
+        spacing: Resample slices to this in-plane pixel size in mm (one number or
+            ``[y, x]``) and work on tiles; ``None`` keeps the data's pixels.
+        patch_size: Tile side in (resampled) pixels: training crops, validation tiles and
+            overlapping tiles for whole-slice prediction; ``None`` with ``spacing`` set
+            uses the model's input size, and with neither, whole slices are resized to it.
+        tile_overlap: Overlap of the prediction tiles, [0, 1).
     """
 
     def __init__(
@@ -381,6 +438,10 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         phantom_shape: Sequence[int] = DEFAULT_PHANTOM_SHAPE,
         cache: bool = True,
         cache_dir: str | Path | None = None,
+        context_slices: int = 0,
+        spacing: float | Sequence[float] | None = None,
+        patch_size: int | Sequence[int] | None = None,
+        tile_overlap: float = 0.5,
     ) -> None:
         super().__init__()
         if layout != "auto" and layout not in LAYOUTS:
@@ -414,6 +475,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         self.layout = layout
         self.requested_num_classes = num_classes
         self.image_size = to_size(image_size)
+        self.geometry = SliceGeometry.from_options(self.image_size, context_slices, spacing, patch_size, tile_overlap)
         self.mean = tuple(float(value) for value in mean)
         self.std = tuple(float(value) for value in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -649,25 +711,31 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         for case in self.cases(split):
             if case.kind == "synapse_slices":
                 # Slices stay in their files and are read per item; only the labels are read now.
-                labels = []
+                labels, shapes = [], []
                 for path in case.slice_files:
                     _, label = read_npz_slice(path, label_only=True)
                     check_label_values(label, num_classes, case.case_id, path)
                     labels.append(label.any())
+                    shapes.append((int(label.shape[0]), int(label.shape[1])))
+                last = len(case.slice_files) - 1
                 for position in self._select_slices(np.asarray(labels), case.case_id):
-                    records.append(
-                        _SliceRecord(case.case_id, int(case.slice_numbers[position]), path=case.slice_files[position])
-                    )
+                    neighbours = (case.slice_files[max(position - 1, 0)], case.slice_files[min(position + 1, last)])
+                    records.append(_SliceRecord(
+                        case.case_id, int(case.slice_numbers[position]), path=case.slice_files[position],
+                        neighbours=neighbours, shape=shapes[position],
+                    ))
                 continue
             if cache is not None:
                 # Only the case's entry (paths) is kept; items read their slice from the mapped file.
                 cached = cache.entry(case)
                 label_volume = cached.label()
                 foreground = np.asarray(label_volume.reshape(len(label_volume), -1).any(axis=1))
+                shape = (int(label_volume.shape[1]), int(label_volume.shape[2]))
                 del label_volume
                 for position in self._select_slices(foreground, case.case_id):
                     records.append(_SliceRecord(
-                        case.case_id, cached.slice_numbers[position], cached=cached, position=int(position)
+                        case.case_id, cached.slice_numbers[position], cached=cached, position=int(position),
+                        spacing=_in_plane(cached.spacing), shape=shape,
                     ))
                 continue
             arrays = load_case(case)
@@ -677,12 +745,17 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             positions = self._select_slices(arrays.label.reshape(len(arrays.label), -1).any(axis=1), case.case_id)
             # Scaled as a whole volume (percentile scaling must match the test volumes'), then only
             # the chosen slices are kept, in half precision: [0, 1] needs no more.
-            images = self._intensity()(arrays.image, case)[positions].astype(np.float16)
+            unit = self._intensity()(arrays.image, case)
+            context = self.geometry.context_slices
+            images = [context_stack(unit, int(position), context).astype(np.float16) for position in positions]
+            del unit
             labels = arrays.label[positions].astype(mask_dtype)
+            shape = (int(arrays.label.shape[1]), int(arrays.label.shape[2]))
             for offset, position in enumerate(positions):
-                records.append(
-                    _SliceRecord(case.case_id, int(arrays.slice_numbers[position]), images[offset], labels[offset])
-                )
+                records.append(_SliceRecord(
+                    case.case_id, int(arrays.slice_numbers[position]), images[offset], labels[offset],
+                    spacing=_in_plane(arrays.spacing), shape=shape,
+                ))
         if not records and self.cases(split):
             _logger.warning(
                 "The %s cases of %s have no labelled slice and empty_slice_fraction=%s keeps no empty one.",
@@ -752,10 +825,21 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                     f"The {split} split of {self.root} has no slices ({len(self.cases(split))} cases); add cases "
                     "or change task.data.val_fraction/test_fraction."
                 )
+            geometry = self.geometry
             transform = build_segmentation_transforms(
-                self.image_size, train=training, augment=self.augment, seed=self.seed if training else None
+                self.image_size, train=training, augment=self.augment, seed=self.seed if training else None,
+                crop_size=geometry.patch_size if training else None,
             )
-            self._datasets[key] = SliceDataset(records, transform, self.mean, self.std, self.num_classes)
+            if geometry.tiled and not training:
+                # Evaluation sees every part of a slice once: a grid of tiles over it.
+                records = [
+                    replace(record, tile=origin)
+                    for record in records
+                    for origin in geometry.tiles(
+                        geometry.network_label(np.zeros(record.shape, np.uint8), record.spacing).shape
+                    )
+                ]
+            self._datasets[key] = SliceDataset(records, transform, self.mean, self.std, self.num_classes, geometry)
         return self._datasets[key]  # type: ignore[return-value]
 
     def volume_dataset(self, split: str) -> VolumeDataset:
@@ -768,7 +852,8 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             )
         transform = build_segmentation_transforms(self.image_size, train=False)
         return VolumeDataset(
-            cases, self._intensity(), transform, self.mean, self.std, self.num_classes, cache=self.volume_cache()
+            cases, self._intensity(), transform, self.mean, self.std, self.num_classes, cache=self.volume_cache(),
+            geometry=self.geometry,
         )
 
     def train_dataloader(self) -> DataLoader:

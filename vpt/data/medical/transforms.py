@@ -34,6 +34,7 @@ def build_segmentation_transforms(
     train: bool,
     augment: bool = True,
     seed: int | None = None,
+    crop_size: tuple[int, int] | None = None,
 ) -> A.Compose:
     """Build the albumentations pipeline applied to an image slice and its mask together.
 
@@ -47,6 +48,10 @@ def build_segmentation_transforms(
         train: Whether the pipeline is for training (random) or evaluation (deterministic).
         augment: Whether training uses random transforms; ``False`` resizes only.
         seed: Seed for the pipeline's own random generator; ``None`` draws one from the OS.
+        crop_size: Training on tiles: a random ``(h, w)`` crop (a third of them centred on a
+            labelled pixel, as nnU-Net oversamples foreground) after the affine change and
+            before the resize; the slice must be at least this large. Evaluation crops its
+            tiles itself, so this only acts when ``train``.
 
     Returns:
         A ``Compose`` called as ``pipeline(image=image, mask=mask)`` with image float32
@@ -70,7 +75,14 @@ def build_segmentation_transforms(
             ),
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
         ]
-    steps.append(A.Resize(height, width, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST))
+    if train and crop_size is not None:
+        crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
+        steps.append(
+            A.OneOf([A.CropNonEmptyMaskIfExists(crop_h, crop_w, p=1 / 3), A.RandomCrop(crop_h, crop_w, p=2 / 3)], p=1.0)
+        )
+    # INTER_NEAREST samples floor(x * scale), shifting masks against the (centre-aligned) image;
+    # INTER_NEAREST_EXACT samples pixel centres.
+    steps.append(A.Resize(height, width, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST_EXACT))
     return A.Compose(steps, seed=seed)
 
 

@@ -1,0 +1,116 @@
+"""A multi-level segmentation decoder for (prompted) timm ViTs.
+
+A plain ViT has one resolution: every block sees the same ``H/p x W/p`` patch grid, and
+the last block's grid alone (the light :class:`~vpt.heads.PatchTokenDecoder`) cannot
+carry structures thinner than a patch. Like DPT (Ranftl et al., 2021) and UNETR
+(Hatamizadeh et al., 2022), this decoder reads several blocks (evenly spaced, earliest
+to last), reassembles them to a pyramid (early blocks upsampled, the last downsampled),
+fuses it top-down, and ends at the input resolution with a skip connection from a small
+convolutional stem on the image itself, which sees every pixel.
+
+timm has ``forward_intermediates`` but no decoder of this kind, and ours must take the
+prompt-free grids :meth:`vpt.prompts.PromptedViT.forward_intermediates` returns; that is
+why it is written here. It stays small next to the encoder (about 0.6 M parameters at
+ViT-B width with the default 128 channels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vpt.errors import ConfigError
+
+__all__ = ["MultiLevelDecoder", "evenly_spaced_blocks"]
+
+
+def evenly_spaced_blocks(depth: int, levels: int) -> list[int]:
+    """``levels`` block indices spread over a ``depth``-block ViT, ending at the last block.
+
+    ViT-B (12 blocks), 4 levels: ``[2, 5, 8, 11]``, the blocks UNETR and DPT read.
+    """
+    if not 1 <= levels <= depth:
+        raise ConfigError(f"A {depth}-block ViT cannot give {levels} decoder levels; set task.decoder_levels to 1..{depth}.")
+    return [depth * (level + 1) // levels - 1 for level in range(levels)]
+
+
+def _conv_unit(channels_in: int, channels_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(min(8, channels_out), channels_out),
+        nn.GELU(),
+    )
+
+
+class _Reassemble(nn.Module):
+    """One block's token grid -> a feature map at ``scale`` times the patch grid."""
+
+    def __init__(self, embed_dim: int, channels: int, scale: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.project = nn.Conv2d(embed_dim, channels, kernel_size=1)
+        self.scale = scale
+        # Strided for the coarser level, a 3x3 smoothing after bilinear upsampling otherwise.
+        self.resample = _conv_unit(channels, channels, stride=2 if scale < 1 else 1)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        x = self.norm(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.project(x)
+        if self.scale > 1:
+            size = (round(grid.shape[-2] * self.scale), round(grid.shape[-1] * self.scale))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.resample(x)
+
+
+class MultiLevelDecoder(nn.Module):
+    """Several blocks' patch grids + the image -> class logits at the input resolution.
+
+    Args:
+        embed_dim: Token width of the encoder.
+        num_classes: Classes including background.
+        blocks: The block indices read (see :func:`evenly_spaced_blocks`); the first is
+            upsampled most, the last downsampled once.
+        hidden_dim: Channels of the pyramid.
+        stem_dim: Channels of the full-resolution image stem (and of the final layer).
+        in_chans: Channels of the input image.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        blocks: Sequence[int],
+        hidden_dim: int = 128,
+        stem_dim: int = 32,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        self.blocks = [int(index) for index in blocks]
+        if not self.blocks:
+            raise ConfigError("The multi-level decoder needs at least one block; set task.decoder_levels >= 1.")
+        levels = len(self.blocks)
+        # Four levels: 4x, 2x, 1x and 1/2 the patch grid, as DPT reassembles ViT-B.
+        scales = [2.0 ** (levels - 2 - level) for level in range(levels)] if levels > 1 else [1.0]
+        self.reassemble = nn.ModuleList(_Reassemble(embed_dim, hidden_dim, scale) for scale in scales)
+        self.fuse = nn.ModuleList(_conv_unit(hidden_dim, hidden_dim) for _ in range(levels - 1))
+        self.squeeze = nn.Conv2d(hidden_dim, stem_dim, kernel_size=1)
+        self.stem = nn.Sequential(_conv_unit(in_chans, stem_dim), _conv_unit(stem_dim, stem_dim))
+        self.head = nn.Sequential(_conv_unit(2 * stem_dim, stem_dim), nn.Conv2d(stem_dim, num_classes, kernel_size=1))
+
+    def forward(self, grids: Sequence[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Patch grids (one (B, D, h, w) per block of ``blocks``) and the images (B, C, H, W)
+        -> logits (B, num_classes, H, W)."""
+        if len(grids) != len(self.reassemble):
+            raise ValueError(f"The decoder reads {len(self.reassemble)} blocks, got {len(grids)} grids")
+        pyramid = [reassemble(grid) for reassemble, grid in zip(self.reassemble, grids)]
+        x = pyramid[-1]
+        # Top-down: each coarser result is resized onto the next finer level and refined.
+        for level in range(len(pyramid) - 2, -1, -1):
+            finer = pyramid[level]
+            x = F.interpolate(x, size=finer.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.fuse[level](x + finer)
+        x = F.interpolate(self.squeeze(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([x, self.stem(images)], dim=1))
