@@ -19,40 +19,61 @@ MLP. In a windowed block every window processes its own copy of the set, and the
 attention outputs of the copies are averaged before the residual and MLP, as VPT does for
 Swin Transformers.
 
-Attention runs through ``F.scaled_dot_product_attention`` with the relative-position bias
-as an additive mask. The package's own attention materialises the float32 score matrix, a
-biased copy and its softmax, and autograd keeps them for the backward pass; at 1024 pixels
-each is (12, 4096, 4096) floats, about 0.8 GB, per image and global block of ViT-B, which
-is what bounds SAM training memory. The fused kernels keep only the inputs and the mask
-(in the input's dtype, so half the size under bfloat16 autocast) and recompute the scores
-in the backward pass.
+Attention runs through ``F.scaled_dot_product_attention`` with no mask: the decomposed
+relative-position bias is folded into the queries and keys. SAM's bias for query i and key
+j is ``q_i . Rh[h_i - h_j] + q_i . Rw[w_i - w_j]``; with ``rel_h_i = q_i . Rh[h_i - .]`` (one
+value per key row) and ``rel_w_i`` likewise, it is the dot product of ``[rel_h_i, rel_w_i]``
+with ``[onehot(h_j), onehot(w_j)]``. So each query gets ``height + width`` columns (its
+``rel_h``, ``rel_w``) beside its scaled self, each key the one-hots of its row and column, and
+one unscaled product gives scores plus bias. Prompt keys get zero one-hots and prompt
+queries zero ``rel`` columns: no bias, as above. Why: a dense bias is a (heads, L, L)
+tensor per window, at 1024 pixels (12, 4096, 4096) floats, about 0.8 GB, per image and
+global block of ViT-B, the same as segment-anything's own score matrix; autograd keeps it,
+and an additive mask rules out the FlashAttention kernel on GPUs. Without a mask the fused
+kernels (flash, memory-efficient, and the CPU flash kernel) keep only queries, keys and
+values, a few times the size of the tokens, and recompute the scores in the backward pass;
+no L x L tensor exists in forward or backward. Gradients reach the queries through both
+parts of their columns, and the relative-position tables when they train (``full``).
+
+``attention="bias"`` keeps the dense-bias form (the bias as an additive mask), the
+reference the folded form is tested against.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Set
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    get_rel_pos,
+    window_partition,
+    window_unpartition,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from segment_anything.modeling import ImageEncoderViT
-from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos, window_partition, window_unpartition
 
 from vpt.errors import ConfigError
 from vpt.prompts.vit import follow_train_mode, prompt_init_bound
 
-__all__ = ["PromptedSamEncoder"]
+__all__ = ["ATTENTION_FORMS", "PromptedSamEncoder"]
 
 _logger = logging.getLogger(__name__)
+
+# "folded": the rel-pos bias folded into queries and keys, no mask (fused kernels, no L x L
+# tensor); "bias": the bias as a dense additive mask, the reference.
+ATTENTION_FORMS = ("folded", "bias")
 
 
 class PromptedSamEncoder(nn.Module):
     """A frozen SAM image encoder with learnable prompt tokens in the attention of every block.
 
     With ``num_tokens == 0`` it computes what ``ImageEncoderViT.forward`` computes (through
-    the memory-lighter attention), which is the frozen encoder of linear-probe baselines.
+    fused attention with no L x L tensor), which is the frozen encoder of linear-probe
+    baselines.
 
     Args:
         image_encoder: segment-anything's ``ImageEncoderViT``; all its parameters are frozen.
@@ -63,6 +84,9 @@ class PromptedSamEncoder(nn.Module):
         dropout: Dropout on the prompts, drawn per sample as in the reference VPT code.
         backbone_eval: Hold the frozen encoder in eval mode while the module trains. Set
             False when the encoder itself is trained.
+        attention: ``"folded"`` (the relative-position bias folded into queries and keys,
+            fused kernels, no L x L tensor) or ``"bias"`` (the bias as a dense additive mask,
+            the reference); see the module docstring.
     """
 
     def __init__(
@@ -72,6 +96,7 @@ class PromptedSamEncoder(nn.Module):
         deep: bool = True,
         dropout: float = 0.0,
         backbone_eval: bool = True,
+        attention: str = "folded",
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoderViT):
@@ -81,11 +106,17 @@ class PromptedSamEncoder(nn.Module):
             )
         if num_tokens < 0:
             raise ConfigError(f"num_tokens must be >= 0, got {num_tokens}; set method.num_tokens.")
+        if attention not in ATTENTION_FORMS:
+            raise ConfigError(
+                f"attention must be one of {ATTENTION_FORMS}, got {attention!r}; pass attention='folded' "
+                "(fused kernels, no L x L tensor) or attention='bias' (the dense-bias reference)."
+            )
         self.image_encoder = image_encoder
         self.image_encoder.requires_grad_(False)
         self.num_tokens = num_tokens
         self.deep = deep
         self.backbone_eval = backbone_eval
+        self.attention = attention
         self.grad_checkpointing = False
 
         sets = len(image_encoder.blocks) if deep else 1
@@ -107,7 +138,7 @@ class PromptedSamEncoder(nn.Module):
         return self.image_encoder.img_size
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         # Prompts keep weight decay, as in the reference VPT optimiser; the encoder's position
         # embedding is exempt as in timm's SAM port (it matters when the encoder trains).
         return {"image_encoder.pos_embed"} if self.image_encoder.pos_embed is not None else set()
@@ -116,7 +147,7 @@ class PromptedSamEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def train(self, mode: bool = True) -> "PromptedSamEncoder":
+    def train(self, mode: bool = True) -> PromptedSamEncoder:
         super().train(mode)
         if mode and self.backbone_eval:
             self.image_encoder.eval()
@@ -135,11 +166,13 @@ class PromptedSamEncoder(nn.Module):
         return prompts
 
     def _run_block(
-        self, block: Block, x: torch.Tensor, prompts: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self, block: Block, x: torch.Tensor, prompts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(prompted_block, block, x, prompts, not self.deep, use_reentrant=False)
-        return prompted_block(block, x, prompts, not self.deep)
+            return checkpoint(
+                prompted_block, block, x, prompts, not self.deep, attention=self.attention, use_reentrant=False
+            )
+        return prompted_block(block, x, prompts, not self.deep, attention=self.attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings, as ``ImageEncoderViT.forward``.
@@ -161,7 +194,7 @@ class PromptedSamEncoder(nn.Module):
             x = x + encoder.pos_embed
         batch = x.shape[0]
 
-        carried: Optional[torch.Tensor] = None
+        carried: torch.Tensor | None = None
         if self.num_tokens > 0 and not self.deep:
             carried = self.prompts(0, batch).expand(batch, -1, -1)
         for index, block in enumerate(encoder.blocks):
@@ -173,8 +206,13 @@ class PromptedSamEncoder(nn.Module):
 
 
 def prompted_block(
-    block: Block, x: torch.Tensor, prompts: Optional[torch.Tensor], prompts_as_queries: bool
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    block: Block,
+    x: torch.Tensor,
+    prompts: torch.Tensor | None,
+    prompts_as_queries: bool,
+    *,
+    attention: str = "folded",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run one segment-anything ``Block`` with prompt tokens joining its attention.
 
     Args:
@@ -184,6 +222,7 @@ def prompted_block(
         prompts_as_queries: Shallow prompts: they are queries too, go through the residual
             and MLP, and their updated tokens are returned. Otherwise (deep prompts) they
             are keys and values only.
+        attention: ``"folded"`` or ``"bias"``, as ``PromptedSamEncoder``.
 
     Returns:
         The block's output grid (B, H, W, C), and the updated prompts (B, T, C) when
@@ -195,20 +234,20 @@ def prompted_block(
     if block.window_size > 0:
         hidden, padded_hw = window_partition(hidden, block.window_size)
 
-    prompt_out: Optional[torch.Tensor] = None
+    prompt_out: torch.Tensor | None = None
     if prompts is None:
-        out, _ = _attention(block.attn, hidden, None, None, None)
+        out, _ = _attention(block.attn, hidden, None, None, None, attention=attention)
     elif prompts_as_queries:
         # Projected once per sample, then copied to each of the sample's windows.
         query, key, value = _project(block.attn, block.norm1(prompts), parts=3)
-        out, prompt_out = _attention(block.attn, hidden, query, key, value)
+        out, prompt_out = _attention(block.attn, hidden, query, key, value, attention=attention)
         windows = hidden.shape[0] // batch
         # Every window processed its own copy; VPT for Swin averages them back to one set.
         prompt_out = prompt_out.view(batch, windows, *prompt_out.shape[1:]).mean(dim=1)
     else:
         # The block's own prompt keys/values, computed once for the batch when shared.
         key, value = _project(block.attn, block.norm1(prompts), parts=2)
-        out, _ = _attention(block.attn, hidden, None, key, value)
+        out, _ = _attention(block.attn, hidden, None, key, value, attention=attention)
 
     if block.window_size > 0:
         out = window_unpartition(out, block.window_size, padded_hw, (height, width))
@@ -255,10 +294,12 @@ def _per_window(tensor: torch.Tensor, windows_total: int) -> torch.Tensor:
 def _attention(
     attn: Attention,
     x: torch.Tensor,
-    prompt_query: Optional[torch.Tensor],
-    prompt_key: Optional[torch.Tensor],
-    prompt_value: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    prompt_query: torch.Tensor | None,
+    prompt_key: torch.Tensor | None,
+    prompt_value: torch.Tensor | None,
+    *,
+    attention: str = "folded",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """segment-anything's ``Attention.forward`` with prompt tokens and fused attention.
 
     Args:
@@ -269,6 +310,8 @@ def _attention(
             when prompts are keys and values only.
         prompt_key: Prompt keys, as ``prompt_query``; None for no prompts.
         prompt_value: Prompt values, as ``prompt_key``.
+        attention: ``"folded"``: the relative-position bias folded into queries and keys
+            (no mask, no L x L tensor); ``"bias"``: the bias as a dense additive mask.
 
     Returns:
         The projected output for the grid tokens (N, h, w, C) and, when prompts are
@@ -276,29 +319,104 @@ def _attention(
     """
     count, height, width, dim = x.shape
     length = height * width
-    heads = attn.num_heads
-    query, key, value = attn.qkv(x).reshape(count, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = _rel_pos_bias(attn, query, height, width) if attn.use_rel_pos else None
+    heads, head_dim = attn.num_heads, dim // attn.num_heads
+    query, key, value = attn.qkv(x).reshape(count, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    folded = attn.use_rel_pos and attention == "folded"
+    bias = _rel_pos_bias(attn, query, height, width) if attn.use_rel_pos and not folded else None
+    scale = attn.scale
+    if folded:
+        query, key = _fold_rel_pos(attn, query, key, height, width)
+        scale = 1.0  # the queries carry attn.scale now, and the bias columns must stay unscaled
 
     prompt_queries = 0
     if prompt_key is not None:
         tokens = prompt_key.shape[2]
+        if folded:
+            # Zero one-hot columns: prompt keys have no position, so no bias.
+            prompt_key = _widen(prompt_key, key.shape[-1])
         # Attention does not depend on the order of keys, so the prompts lead.
         key = torch.cat([_per_window(prompt_key, count), key], dim=2)
         value = torch.cat([_per_window(prompt_value, count), value], dim=2)
         if prompt_query is not None:
             prompt_queries = tokens
+            if folded:
+                # Zero rel columns: prompt queries get no bias either.
+                prompt_query = _widen(prompt_query * attn.scale, query.shape[-1])
             query = torch.cat([_per_window(prompt_query, count), query], dim=2)
         if bias is not None:
             # Zero columns for prompt keys (no position) and zero rows for prompt queries.
             bias = F.pad(bias, (tokens, 0, prompt_queries, 0))
+    if folded:
+        # FlashAttention wants values as wide as queries and keys; the zero columns add
+        # nothing to the output and are cut off below.
+        value = _widen(value, query.shape[-1])
 
-    # An additive mask rules out the FlashAttention kernel on GPUs; the memory-efficient
-    # kernel takes it (and its gradient, which reaches the queries through the bias).
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=attn.scale)
+    # An additive mask (the "bias" form) rules out the FlashAttention kernel on GPUs; the
+    # memory-efficient kernel takes it (and its gradient, which reaches the queries through
+    # the bias).
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)[..., :head_dim]
     out = attn.proj(out.transpose(1, 2).reshape(count, prompt_queries + length, dim))
     grid_out = out[:, prompt_queries:].reshape(count, height, width, dim)
     return grid_out, (out[:, :prompt_queries] if prompt_queries else None)
+
+
+def _widen(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero columns appended to the last dimension of ``tensor`` up to ``width``."""
+    return F.pad(tensor, (0, width - tensor.shape[-1]))
+
+
+def _fold_rel_pos(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys whose unscaled product is ``query . key * scale`` plus the rel-pos bias.
+
+    The bias of query i and key j at (h_j, w_j) is ``rel_h[i, h_j] + rel_w[i, w_j]`` (see
+    :func:`_rel_pos_bias`), the product of ``[rel_h_i, rel_w_i]`` with the one-hots of
+    ``h_j`` and ``w_j``. Both are padded with zeros to a width that is a multiple of 8,
+    which the fused kernels want.
+
+    Args:
+        attn: The attention with ``rel_pos_h`` / ``rel_pos_w`` tables.
+        query: (N, heads, height * width, head_dim), unscaled as the package uses it.
+        key: As ``query``.
+
+    Returns:
+        The folded query ``[query * scale, rel_h, rel_w, 0]`` and key ``[key, onehot(h),
+        onehot(w), 0]``, each (N, heads, height * width, D) with D the multiple of 8 at or
+        above head_dim + height + width.
+    """
+    rel_h, rel_w = _rel_pos_terms(attn, query, height, width)
+    count, heads, length, head_dim = query.shape
+    folded_dim = -(-(head_dim + height + width) // 8) * 8
+    query = _widen(torch.cat([query * attn.scale, rel_h.flatten(2, 3), rel_w.flatten(2, 3)], dim=-1), folded_dim)
+
+    # Keys are row-major over the grid: key j sits at row j // width, column j % width.
+    rows = torch.eye(height, dtype=key.dtype, device=key.device).repeat_interleave(width, dim=0)
+    columns = torch.eye(width, dtype=key.dtype, device=key.device).repeat(height, 1)
+    positions = torch.cat([rows, columns], dim=-1).expand(count, heads, length, height + width)
+    key = _widen(torch.cat([key, positions], dim=-1), folded_dim)
+    return query, key
+
+
+def _rel_pos_terms(
+    attn: Attention, query: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of segment-anything's decomposed relative-position bias.
+
+    Args:
+        attn: The attention with ``rel_pos_h`` / ``rel_pos_w`` tables.
+        query: (N, heads, height * width, head_dim), unscaled as the package uses it.
+
+    Returns:
+        ``rel_h`` (N, heads, height, width, key_height), the bias of each query for each key
+        row, and ``rel_w`` (N, heads, height, width, key_width) for each key column.
+    """
+    rel_h_table = get_rel_pos(height, height, attn.rel_pos_h)  # (height, height, head_dim)
+    rel_w_table = get_rel_pos(width, width, attn.rel_pos_w)
+    grid_query = query.unflatten(2, (height, width))
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table.to(query.dtype))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table.to(query.dtype))
+    return rel_h, rel_w
 
 
 def _rel_pos_bias(attn: Attention, query: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -311,10 +429,6 @@ def _rel_pos_bias(attn: Attention, query: torch.Tensor, height: int, width: int)
     Returns:
         The additive bias, (N, heads, height * width, height * width).
     """
-    rel_h_table = get_rel_pos(height, height, attn.rel_pos_h)  # (height, height, head_dim)
-    rel_w_table = get_rel_pos(width, width, attn.rel_pos_w)
-    grid_query = query.unflatten(2, (height, width))
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table.to(query.dtype))
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table.to(query.dtype))
+    rel_h, rel_w = _rel_pos_terms(attn, query, height, width)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (N, heads, h, w, key_h, key_w)
     return bias.flatten(4).flatten(2, 3)
