@@ -11,11 +11,14 @@ from vpt.models.build import (
     build_vit_segmenter,
     sam_normalisation,
 )
+from vpt.models.switches import apply_model_switches, prompted_encoders
 from vpt.models.segmenters import InteractiveSamSegmenter, SamSegmenter, VitSegmenter
 
 __all__ = [
     "InteractiveSamSegmenter",
     "SamSegmenter",
+    "apply_model_switches",
+    "prompted_encoders",
     "VitSegmenter",
     "build_classifier",
     "build_interactive_sam",

@@ -20,7 +20,7 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-__all__ = ["supports_key_value_prompts", "key_value_prompt_block", "concat_prompt_block"]
+__all__ = ["supports_key_value_prompts", "key_value_prompt_block", "prompt_keys_values", "concat_prompt_block"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ def supports_key_value_prompts(block: nn.Module) -> bool:
         return False
     # A method may have replaced the qkv layer (LoRA): its weight is no longer the whole story.
     return type(block.attn) is Attention and type(block.attn.qkv) is nn.Linear
+
+
+def prompt_keys_values(block: Block, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values a ``Block`` gives its (un-normalised) prompt tokens (1 or B, T, D):
+    what :func:`key_value_prompt_block` computes, for callers that keep them (inference)."""
+    return _prompt_keys_values(block.attn, block.norm1(prompts))
 
 
 def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +62,12 @@ def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> tuple[torch.T
     return attn.k_norm(key), value
 
 
-def key_value_prompt_block(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def key_value_prompt_block(
+    block: Block,
+    x: torch.Tensor,
+    prompts: torch.Tensor | None,
+    keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Run one timm ``Block`` on ``x`` with ``prompts`` joining only as keys and values.
 
     Equivalent to ``block(cat(prefix, prompts, patches))`` with the prompt outputs removed.
@@ -64,7 +75,10 @@ def key_value_prompt_block(block: Block, x: torch.Tensor, prompts: torch.Tensor)
     Args:
         block: A timm ``Block`` (see :func:`supports_key_value_prompts`).
         x: Real tokens (prefix + patches), (B, N, D).
-        prompts: This block's prompt tokens, (1, T, D) shared by the batch or (B, T, D).
+        prompts: This block's prompt tokens, (1, T, D) shared by the batch or (B, T, D);
+            ignored when ``keys_values`` is given.
+        keys_values: The prompts' keys and values from :func:`prompt_keys_values`, when
+            the caller kept them (they are constants at inference).
 
     Returns:
         The block's output for the real tokens, (B, N, D).
@@ -80,7 +94,10 @@ def key_value_prompt_block(block: Block, x: torch.Tensor, prompts: torch.Tensor)
     query, key = attn.q_norm(query), attn.k_norm(key)
 
     # Prompt keys/values are computed once for the whole batch when the prompts are shared.
-    prompt_key, prompt_value = _prompt_keys_values(attn, block.norm1(prompts))
+    if keys_values is None:
+        assert prompts is not None, "prompts or their keys and values are needed"
+        keys_values = _prompt_keys_values(attn, block.norm1(prompts))
+    prompt_key, prompt_value = keys_values
     if prompt_key.shape[0] != batch:
         prompt_key = prompt_key.expand(batch, -1, -1, -1)
         prompt_value = prompt_value.expand(batch, -1, -1, -1)

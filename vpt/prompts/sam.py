@@ -117,6 +117,7 @@ class PromptedSamEncoder(nn.Module):
         self.deep = deep
         self.backbone_eval = backbone_eval
         self.attention = attention
+        self.compile_target = "forward"  # what model.compile=true compiles
         self.grad_checkpointing = False
 
         sets = len(image_encoder.blocks) if deep else 1

@@ -12,7 +12,12 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 from vpt.errors import ConfigError
-from vpt.prompts.attention import concat_prompt_block, key_value_prompt_block, supports_key_value_prompts
+from vpt.prompts.attention import (
+    concat_prompt_block,
+    key_value_prompt_block,
+    prompt_keys_values,
+    supports_key_value_prompts,
+)
 
 __all__ = ["PromptedViT", "prompt_init_bound", "follow_train_mode"]
 
@@ -58,6 +63,12 @@ class PromptedViT(nn.Module):
         key_value_prompts: Run deep prompts as keys and values only where the block allows
             (exact and faster); False forces the naive concatenation (for checks and
             benchmarks).
+
+    Inference: in eval mode without gradients, deep prompts' keys and values are constants,
+    so they are computed once per block and kept (``cache_prompt_keys_values``, on by
+    default); the kept ones are dropped whenever a prompt, the prompt projection or a
+    block's norm/qkv weights change (in-place updates, ``load_state_dict``), or the device,
+    dtype or autocast setting differs.
     """
 
     def __init__(
@@ -100,6 +111,10 @@ class PromptedViT(nn.Module):
             self.prompt_proj = nn.Identity()
         self.prompt_dropout = nn.Dropout(dropout)
         self._key_value_blocks = [key_value_prompts and supports_key_value_prompts(block) for block in vit.blocks]
+        self.cache_prompt_keys_values = True
+        self.compile_target = "_forward_blocks"  # what model.compile=true compiles
+        self._kept_keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept_for: Optional[tuple[Any, ...]] = None
         if key_value_prompts and deep and num_tokens > 0 and not all(self._key_value_blocks):
             _logger.info("Some blocks are not timm's standard Block; they run deep prompts by concatenation.")
 
@@ -174,10 +189,39 @@ class PromptedViT(nn.Module):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def _run_block(self, index: int, x: torch.Tensor, prompts: Optional[torch.Tensor]) -> torch.Tensor:
+    def _keep_keys_values(self, x: torch.Tensor) -> bool:
+        """Whether this forward may use kept prompt keys/values (inference with own deep
+        prompts); drops the kept ones when anything they were computed from changed."""
+        if not (self.cache_prompt_keys_values and self.deep and self.num_tokens > 0):
+            return False
+        if self.training or torch.is_grad_enabled():
+            return False
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        sources = [self.prompt_embeddings, *self.prompt_proj.parameters()]
+        for index, block in enumerate(self.vit.blocks):
+            if self._key_value_blocks[index]:
+                sources += [*block.norm1.parameters(), *block.attn.qkv.parameters(), *block.attn.k_norm.parameters()]
+        state = (
+            tuple((tensor.data_ptr(), tensor._version) for tensor in sources),
+            x.device, x.dtype, autocast, torch.get_autocast_dtype(device) if autocast else None,
+        )
+        if state != self._kept_for:
+            self._kept_keys_values = {}
+            self._kept_for = state
+        return True
+
+    def _run_block(
+        self, index: int, x: torch.Tensor, prompts: Optional[torch.Tensor], reuse: bool = False
+    ) -> torch.Tensor:
         block = self.vit.blocks[index]
         if prompts is None:
             fn, args = block, (x,)
+        elif reuse and self._key_value_blocks[index]:
+            kept = self._kept_keys_values.get(index)
+            if kept is None:
+                kept = self._kept_keys_values[index] = prompt_keys_values(block, prompts)
+            fn, args = key_value_prompt_block, (block, x, None, kept)
         elif self._key_value_blocks[index]:
             fn, args = key_value_prompt_block, (block, x, prompts)
         else:
@@ -260,9 +304,10 @@ class PromptedViT(nn.Module):
         if shallow:
             prompts = prompts_of(0).expand(batch, -1, -1)
             x = torch.cat([x[:, :prefix], prompts, x[:, prefix:]], dim=1)
+        reuse = prompt_sets is None and self._keep_keys_values(x)
         for index in range(depth):
             deep_prompts = prompts_of(index) if self.num_tokens > 0 and self.deep else None
-            x = self._run_block(index, x, deep_prompts)
+            x = self._run_block(index, x, deep_prompts, reuse)
             if index in keep:
                 kept.append(without_prompts(x))
         return without_prompts(x), kept

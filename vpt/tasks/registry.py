@@ -56,4 +56,9 @@ def build_task(cfg: DictConfig) -> TaskParts:
     name = cfg.task.name
     if name not in _TASKS:
         raise ConfigError(f"Unknown task kind {name!r}; choose one of {available_tasks()}.")
-    return _TASKS[name](cfg)
+    parts = _TASKS[name](cfg)
+    from vpt.models.switches import apply_model_switches
+
+    # model.grad_checkpointing / compile / channels_last, the same for every task.
+    apply_model_switches(parts.model, cfg.model)
+    return parts
