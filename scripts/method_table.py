@@ -52,6 +52,16 @@ def main() -> None:
         print(f"| `{method}` | {vt:,} | {vp:.2f} | {st:,} | {sp:.2f} |")
     print(f"\nSAM's mask decoder ({decoder:,} parameters) trains with every method unless task.train_decoder=false.")
 
+    from vpt.heads import MultiLevelDecoder, PatchTokenDecoder, evenly_spaced_blocks
+
+    organs = 9  # Synapse: background + 8 organs
+    multilevel = MultiLevelDecoder(768, organs, evenly_spaced_blocks(12, 4), hidden_dim=128)
+    light = PatchTokenDecoder(768, organs, hidden_dim=128)
+    print(f"\n| ViT-B/16 segmentation decoder ({organs} classes, task.decoder_dim=128) | trained values |")
+    print("|---|---:|")
+    print(f"| `multilevel` (default) | {sum(p.numel() for p in multilevel.parameters()):,} |")
+    print(f"| `light` | {sum(p.numel() for p in light.parameters()):,} |")
+
 
 if __name__ == "__main__":
     main()

@@ -211,3 +211,80 @@ def test_switches_are_in_every_model_config(key: str) -> None:
     for option in _options("model"):
         cfg = compose_config([f"model={option}"])
         assert cfg.model[key] is False, (option, key)
+
+
+# -- bf16 autocast through every attention path ----------------------------------------------------
+
+
+@pytest.mark.parametrize("family, method", [("timm", "vpt_deep"), ("timm", "vpt_shallow"), ("timm", "lora"), ("sam", "vpt_deep"), ("sam", "vpt_shallow")])
+def test_bf16_autocast_reaches_attention_and_losses_stay_fp32(monkeypatch, family: str, method: str) -> None:
+    """Under trainer=gpu's bf16-mixed autocast, every scaled_dot_product_attention gets bf16
+    inputs (no silent fp32 path), and the segmentation loss is computed in fp32."""
+    import torch.nn.functional as F
+
+    from vpt.tasks.segmentation import dice_loss
+
+    seen: list[tuple[torch.dtype, ...]] = []
+    original = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return original(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    options = {"num_tokens": 3} if method.startswith("vpt") else {}
+    if family == "timm":
+        model = _deep() if method == "vpt_deep" else apply_method(
+            timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                              depth=2, num_heads=2, num_classes=5), method, **options)
+    else:
+        model = apply_method(_tiny_sam_encoder(), method, **options)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+    logits = torch.randn(2, 4, 8, 8).to(torch.bfloat16)
+    assert dice_loss(logits, torch.randint(0, 4, (2, 8, 8))).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_benchmark_script_writes_its_tables(tmp_path) -> None:
+    """The benchmark runs end to end (tiny stand-ins) and writes its section, keeping others."""
+    import subprocess
+    import sys
+
+    from tests.test_training import REPO
+
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n<!-- benchmark:cuda-vit_b -->\nkept\n<!-- /benchmark:cuda-vit_b -->\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--repeats", "1", "--backbones", "vit_b",
+         "sam_vit_b", "--methods", "vpt_deep", "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "kept" in text and "<!-- benchmark:tiny-vit_b-sam_vit_b-inference -->" in text
+    for row in ("naive concatenation (reference)", "segment-anything's own attention (reference)",
+                "dense-bias attention (reference)", "frozen backbone alone", "kept keys/values (default)"):
+        assert row in text, row
+    assert "error" not in text.lower()
+
+
+def test_benchmark_inference_table_keeps_other_sections(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.test_training import REPO
+
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n<!-- benchmark:cpu-sam_vit_b -->\nkept\n<!-- /benchmark:cpu-sam_vit_b -->\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--tiny", "--repeats", "1", "--no-training",
+         "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "kept" in text and text.count("<!-- benchmark:tiny-inference -->") == 1
+    assert "| frozen backbone alone |" in text and "kept keys/values (default)" in text

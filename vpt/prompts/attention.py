@@ -37,73 +37,74 @@ def supports_key_value_prompts(block: nn.Module) -> bool:
     return type(block.attn) is Attention and type(block.attn.qkv) is nn.Linear
 
 
-def prompt_keys_values(block: Block, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values a ``Block`` gives its (un-normalised) prompt tokens (1 or B, T, D):
-    what :func:`key_value_prompt_block` computes, for callers that keep them (inference)."""
+def prompt_keys_values(block: Block, prompts: torch.Tensor) -> torch.Tensor:
+    """The key/value projection a ``Block`` gives its (un-normalised) prompt tokens
+    (1 or B, T, D): what :func:`key_value_prompt_block` computes, for callers that keep it
+    (inference). Returns (1 or B, T, 2 * heads * head_dim), keys then values."""
     return _prompt_keys_values(block.attn, block.norm1(prompts))
 
 
-def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of normalised prompt tokens, skipping the unused query projection.
+def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> torch.Tensor:
+    """Key/value projection of normalised prompt tokens, skipping the unused query projection.
 
     Args:
         attn: The block's attention module.
         prompts: Normalised prompt tokens, (P, T, D) with P = 1 (shared) or the batch size.
 
     Returns:
-        Keys and values, each (P, heads, T, head_dim).
+        (P, T, 2 * heads * head_dim): keys then values, before ``k_norm``.
     """
     attn_dim = attn.num_heads * attn.head_dim
-    weight = attn.qkv.weight[attn_dim:]
     bias = attn.qkv.bias[attn_dim:] if attn.qkv.bias is not None else None
-    batch, tokens, _ = prompts.shape
-    kv = F.linear(prompts, weight, bias).reshape(batch, tokens, 2, attn.num_heads, attn.head_dim)
-    key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.k_norm(key), value
+    return F.linear(prompts, attn.qkv.weight[attn_dim:], bias)
 
 
 def key_value_prompt_block(
     block: Block,
     x: torch.Tensor,
     prompts: torch.Tensor | None,
-    keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prompt_kv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one timm ``Block`` on ``x`` with ``prompts`` joining only as keys and values.
 
     Equivalent to ``block(cat(prefix, prompts, patches))`` with the prompt outputs removed.
 
+    The queries and the key/value projection are two matrix products of the same weights
+    (rows split), so the prompts' keys/values join the tokens' in one contiguous copy of the
+    (B, T + N, 2D) projection; concatenating the strided key and value views separately
+    cost ~17% of a ViT-B inference pass on an H100.
+
     Args:
         block: A timm ``Block`` (see :func:`supports_key_value_prompts`).
         x: Real tokens (prefix + patches), (B, N, D).
         prompts: This block's prompt tokens, (1, T, D) shared by the batch or (B, T, D);
-            ignored when ``keys_values`` is given.
-        keys_values: The prompts' keys and values from :func:`prompt_keys_values`, when
-            the caller kept them (they are constants at inference).
+            ignored when ``prompt_kv`` is given.
+        prompt_kv: The prompts' key/value projection from :func:`prompt_keys_values`,
+            when the caller kept it (a constant at inference).
 
     Returns:
         The block's output for the real tokens, (B, N, D).
     """
     attn = block.attn
     batch, length, _ = x.shape
-    attn_dim = attn.num_heads * attn.head_dim
+    heads, head_dim = attn.num_heads, attn.head_dim
+    attn_dim = heads * head_dim
 
     hidden = block.norm1(x)
     gate = attn.gate(hidden).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(hidden).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    query, key, value = qkv.unbind(0)
-    query, key = attn.q_norm(query), attn.k_norm(key)
-
-    # Prompt keys/values are computed once for the whole batch when the prompts are shared.
-    if keys_values is None:
-        assert prompts is not None, "prompts or their keys and values are needed"
-        keys_values = _prompt_keys_values(attn, block.norm1(prompts))
-    prompt_key, prompt_value = keys_values
-    if prompt_key.shape[0] != batch:
-        prompt_key = prompt_key.expand(batch, -1, -1, -1)
-        prompt_value = prompt_value.expand(batch, -1, -1, -1)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    query = F.linear(hidden, weight[:attn_dim], bias[:attn_dim] if bias is not None else None)
+    key_value = F.linear(hidden, weight[attn_dim:], bias[attn_dim:] if bias is not None else None)
+    if prompt_kv is None:
+        assert prompts is not None, "prompts or their key/value projection are needed"
+        # Computed once for the whole batch when the prompts are shared.
+        prompt_kv = _prompt_keys_values(attn, block.norm1(prompts))
     # Attention is invariant to the order of keys, so prompts can lead.
-    key = torch.cat([prompt_key, key], dim=2)
-    value = torch.cat([prompt_value, value], dim=2)
+    key_value = torch.cat([prompt_kv.to(key_value.dtype).expand(batch, -1, -1), key_value], dim=1)
+    tokens = key_value.shape[1]
+    key, value = key_value.view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    query = attn.q_norm(query.view(batch, length, heads, head_dim).transpose(1, 2))
+    key = attn.k_norm(key)
 
     out = F.scaled_dot_product_attention(
         query, key, value, dropout_p=attn.attn_drop.p if attn.training else 0.0

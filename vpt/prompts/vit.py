@@ -113,7 +113,7 @@ class PromptedViT(nn.Module):
         self._key_value_blocks = [key_value_prompts and supports_key_value_prompts(block) for block in vit.blocks]
         self.cache_prompt_keys_values = True
         self.compile_target = "_forward_blocks"  # what model.compile=true compiles
-        self._kept_keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept_keys_values: dict[int, torch.Tensor] = {}
         self._kept_for: Optional[tuple[Any, ...]] = None
         if key_value_prompts and deep and num_tokens > 0 and not all(self._key_value_blocks):
             _logger.info("Some blocks are not timm's standard Block; they run deep prompts by concatenation.")
