@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from tests.test_training import compose_config, run_cli
@@ -104,6 +105,11 @@ def test_light_decoder_is_kept_and_multilevel_is_the_default() -> None:
     assert isinstance(light.decoder, PatchTokenDecoder)
     with pytest.raises(ConfigError, match="task.decoder"):
         build_segmenter(compose_config([*base, "task.decoder=unet"]), 4)
+    # A run folder's config from before the key existed: its weights are the light decoder's.
+    old_run = compose_config(base)
+    OmegaConf.set_struct(old_run, False)
+    del old_run.task["decoder"]
+    assert isinstance(build_segmenter(old_run, 4)[0].decoder, PatchTokenDecoder)
 
 
 # -- 2.5D context -----------------------------------------------------------------------------

@@ -133,12 +133,13 @@ DECODERS = ("multilevel", "light")
 def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """timm ViT (method applied) -> decoder (``task.decoder``), and the data settings.
 
-    ``task.decoder=multilevel`` (default) reads ``task.decoder_levels`` evenly spaced blocks
+    ``task.decoder=multilevel`` (the task configs' default) reads ``task.decoder_levels`` evenly spaced blocks
     and the image (:class:`~vpt.heads.MultiLevelDecoder`); ``light`` is the last block's
     patch tokens only (:class:`~vpt.heads.PatchTokenDecoder`). ``task.decoder_dim`` sets
     the width of either.
     """
-    kind = str(cfg.task.get("decoder", "multilevel"))
+    # Configs of runs made before task.decoder existed have no key: they trained the light one.
+    kind = str(cfg.task.get("decoder", "light"))
     if kind not in DECODERS:
         raise ConfigError(f"task.decoder={kind} is not a decoder; use one of {', '.join(DECODERS)}.")
     vit, data = build_vit(cfg)
