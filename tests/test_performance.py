@@ -288,3 +288,41 @@ def test_benchmark_inference_table_keeps_other_sections(tmp_path) -> None:
     text = out.read_text()
     assert "kept" in text and text.count("<!-- benchmark:tiny-inference -->") == 1
     assert "| frozen backbone alone |" in text and "kept keys/values (default)" in text
+
+
+def test_sam_inference_keeps_deep_prompt_keys_values(monkeypatch) -> None:
+    import vpt.prompts.sam as prompted_sam
+
+    torch.manual_seed(0)
+    model = apply_method(_tiny_sam_encoder(), "vpt_deep", num_tokens=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    model.cache_prompt_keys_values = False
+    with torch.no_grad():
+        reference = model(images)
+    model.cache_prompt_keys_values = True
+    calls: list[int] = []
+    original = prompted_sam._project
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prompted_sam, "_project", counting)
+    with torch.no_grad():
+        first, second = model(images), model(images[:1])
+    torch.testing.assert_close(first, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(second, reference[:1], rtol=0, atol=1e-5)  # another batch size: GEMM order
+    assert len(calls) == len(model.image_encoder.blocks), "one projection per block, reused by the next batch"
+    with torch.no_grad():
+        model.prompt_embeddings.add_(torch.randn_like(model.prompt_embeddings))
+        changed = model(images)
+    model.cache_prompt_keys_values = False
+    with torch.no_grad():
+        torch.testing.assert_close(changed, model(images), rtol=0, atol=1e-6)
+    assert not torch.allclose(changed, reference)
+    # Training (gradients) never reuses them.
+    model.cache_prompt_keys_values = True
+    model.train()
+    calls.clear()
+    model(images).sum().backward()
+    assert len(calls) == len(model.image_encoder.blocks) and model.prompt_embeddings.grad.abs().sum() > 0

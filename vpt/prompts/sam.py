@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vpt.errors import ConfigError
+from vpt.prompts.kept import KeptProjections
 from vpt.prompts.vit import follow_train_mode, prompt_init_bound
 
 __all__ = ["ATTENTION_FORMS", "PromptedSamEncoder"]
@@ -118,6 +119,9 @@ class PromptedSamEncoder(nn.Module):
         self.backbone_eval = backbone_eval
         self.attention = attention
         self.compile_target = "forward"  # what model.compile=true compiles
+        # Inference keeps deep prompts' keys/values per block (see vpt.prompts.kept).
+        self.cache_prompt_keys_values = True
+        self._kept = KeptProjections()
         self.grad_checkpointing = False
 
         sets = len(image_encoder.blocks) if deep else 1
@@ -167,13 +171,28 @@ class PromptedSamEncoder(nn.Module):
         return prompts
 
     def _run_block(
-        self, block: Block, x: torch.Tensor, prompts: torch.Tensor | None
+        self,
+        block: Block,
+        x: torch.Tensor,
+        prompts: torch.Tensor | None,
+        prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(
-                prompted_block, block, x, prompts, not self.deep, attention=self.attention, use_reentrant=False
+                prompted_block, block, x, prompts, not self.deep, attention=self.attention, prompt_kv=prompt_kv,
+                use_reentrant=False,
             )
-        return prompted_block(block, x, prompts, not self.deep, attention=self.attention)
+        return prompted_block(block, x, prompts, not self.deep, attention=self.attention, prompt_kv=prompt_kv)
+
+    def _keep_keys_values(self, x: torch.Tensor) -> bool:
+        """Whether this forward may reuse kept deep-prompt keys/values (inference only)."""
+        enabled = self.cache_prompt_keys_values and self.deep and self.num_tokens > 0
+        sources: list[torch.Tensor] = []
+        if enabled:
+            sources = [self.prompt_embeddings]
+            for block in self.image_encoder.blocks:
+                sources += [*block.norm1.parameters(), *block.attn.qkv.parameters()]
+        return self._kept.active(enabled, self.training, sources, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings, as ``ImageEncoderViT.forward``.
@@ -198,9 +217,16 @@ class PromptedSamEncoder(nn.Module):
         carried: torch.Tensor | None = None
         if self.num_tokens > 0 and not self.deep:
             carried = self.prompts(0, batch).expand(batch, -1, -1)
+        reuse = self._keep_keys_values(x)
         for index, block in enumerate(encoder.blocks):
             if self.num_tokens > 0 and self.deep:
-                x, _ = self._run_block(block, x, self.prompts(index, batch))
+                prompts = self.prompts(index, batch)
+                kept = None
+                if reuse:
+                    kept = self._kept.get(
+                        index, lambda: _project(block.attn, block.norm1(prompts), parts=2)  # noqa: B023 - called now
+                    )
+                x, _ = self._run_block(block, x, prompts, kept)
             else:
                 x, carried = self._run_block(block, x, carried)
         return encoder.neck(x.permute(0, 3, 1, 2))
@@ -213,6 +239,7 @@ def prompted_block(
     prompts_as_queries: bool,
     *,
     attention: str = "folded",
+    prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run one segment-anything ``Block`` with prompt tokens joining its attention.
 
@@ -224,6 +251,8 @@ def prompted_block(
             and MLP, and their updated tokens are returned. Otherwise (deep prompts) they
             are keys and values only.
         attention: ``"folded"`` or ``"bias"``, as ``PromptedSamEncoder``.
+        prompt_kv: Deep prompts' keys and values for this block, (P, heads, T, head_dim)
+            each, when the caller kept them (inference); ``prompts`` is then not projected.
 
     Returns:
         The block's output grid (B, H, W, C), and the updated prompts (B, T, C) when
@@ -247,7 +276,7 @@ def prompted_block(
         prompt_out = prompt_out.view(batch, windows, *prompt_out.shape[1:]).mean(dim=1)
     else:
         # The block's own prompt keys/values, computed once for the batch when shared.
-        key, value = _project(block.attn, block.norm1(prompts), parts=2)
+        key, value = prompt_kv if prompt_kv is not None else _project(block.attn, block.norm1(prompts), parts=2)
         out, _ = _attention(block.attn, hidden, None, key, value, attention=attention)
 
     if block.window_size > 0:

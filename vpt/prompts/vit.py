@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 from vpt.errors import ConfigError
+from vpt.prompts.kept import KeptProjections
 from vpt.prompts.attention import (
     concat_prompt_block,
     key_value_prompt_block,
@@ -113,8 +114,7 @@ class PromptedViT(nn.Module):
         self._key_value_blocks = [key_value_prompts and supports_key_value_prompts(block) for block in vit.blocks]
         self.cache_prompt_keys_values = True
         self.compile_target = "_forward_blocks"  # what model.compile=true compiles
-        self._kept_keys_values: dict[int, torch.Tensor] = {}
-        self._kept_for: Optional[tuple[Any, ...]] = None
+        self._kept = KeptProjections()
         if key_value_prompts and deep and num_tokens > 0 and not all(self._key_value_blocks):
             _logger.info("Some blocks are not timm's standard Block; they run deep prompts by concatenation.")
 
@@ -192,24 +192,14 @@ class PromptedViT(nn.Module):
     def _keep_keys_values(self, x: torch.Tensor) -> bool:
         """Whether this forward may use kept prompt keys/values (inference with own deep
         prompts); drops the kept ones when anything they were computed from changed."""
-        if not (self.cache_prompt_keys_values and self.deep and self.num_tokens > 0):
-            return False
-        if self.training or torch.is_grad_enabled():
-            return False
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        sources = [self.prompt_embeddings, *self.prompt_proj.parameters()]
-        for index, block in enumerate(self.vit.blocks):
-            if self._key_value_blocks[index]:
-                sources += [*block.norm1.parameters(), *block.attn.qkv.parameters(), *block.attn.k_norm.parameters()]
-        state = (
-            tuple((tensor.data_ptr(), tensor._version) for tensor in sources),
-            x.device, x.dtype, autocast, torch.get_autocast_dtype(device) if autocast else None,
-        )
-        if state != self._kept_for:
-            self._kept_keys_values = {}
-            self._kept_for = state
-        return True
+        sources: list[torch.Tensor] = []
+        if self.num_tokens > 0:
+            sources = [self.prompt_embeddings, *self.prompt_proj.parameters()]
+            for index, block in enumerate(self.vit.blocks):
+                if self._key_value_blocks[index]:
+                    sources += [*block.norm1.parameters(), *block.attn.qkv.parameters(), *block.attn.k_norm.parameters()]
+        enabled = self.cache_prompt_keys_values and self.deep and self.num_tokens > 0
+        return self._kept.active(enabled, self.training, sources, x)
 
     def _run_block(
         self, index: int, x: torch.Tensor, prompts: Optional[torch.Tensor], reuse: bool = False
@@ -218,9 +208,7 @@ class PromptedViT(nn.Module):
         if prompts is None:
             fn, args = block, (x,)
         elif reuse and self._key_value_blocks[index]:
-            kept = self._kept_keys_values.get(index)
-            if kept is None:
-                kept = self._kept_keys_values[index] = prompt_keys_values(block, prompts)
+            kept = self._kept.get(index, lambda: prompt_keys_values(block, prompts))
             fn, args = key_value_prompt_block, (block, x, None, kept)
         elif self._key_value_blocks[index]:
             fn, args = key_value_prompt_block, (block, x, prompts)
