@@ -145,12 +145,9 @@ def test_grad_checkpointing_switch_reaches_every_encoder_and_keeps_gradients() -
 
 
 def _tiny_sam_encoder():
-    from segment_anything.modeling import ImageEncoderViT
+    from tests.test_sam import tiny_encoder
 
-    return ImageEncoderViT(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=16, window_size=2,
-        global_attn_indexes=(1,), use_rel_pos=True,
-    )
+    return tiny_encoder(32, 2, patch_size=8, embed_dim=32, depth=2)
 
 
 def test_compile_switch_compiles_the_encoder_or_falls_back_with_one_warning(monkeypatch, caplog) -> None:

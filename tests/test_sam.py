@@ -54,23 +54,33 @@ def randomise_positions(module: torch.nn.Module, seed: int = 0) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
-def tiny_encoder(img_size: int, window_size: int = WINDOW) -> ImageEncoderViT:
-    """Three blocks (windowed, global, windowed), width 16, 2 heads."""
+def tiny_encoder(
+    img_size: int,
+    window_size: int = WINDOW,
+    *,
+    patch_size: int = 16,
+    embed_dim: int = 16,
+    depth: int = 3,
+    global_attn_indexes: tuple[int, ...] = (1,),
+    position_seed: int = 0,
+) -> ImageEncoderViT:
+    """A random SAM encoder with 2 heads, random position embedding and rel-pos tables; by
+    default three blocks (windowed, global, windowed) of width 16."""
     torch.manual_seed(0)
     encoder = ImageEncoderViT(
         img_size=img_size,
-        patch_size=16,
-        embed_dim=16,
-        depth=3,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
         num_heads=2,
         out_chans=8,
         qkv_bias=True,
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         use_rel_pos=True,
         window_size=window_size,
-        global_attn_indexes=(1,),
+        global_attn_indexes=global_attn_indexes,
     )
-    randomise_positions(encoder)
+    randomise_positions(encoder, seed=position_seed)
     return encoder
 
 

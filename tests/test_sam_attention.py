@@ -10,7 +10,6 @@ and their grids are chosen so that some windows pad the grid and some divide it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from segment_anything.modeling import ImageEncoderViT
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tests.test_sam import tiny_encoder as sam_tiny_encoder
 from vpt.errors import ConfigError
 from vpt.prompts.sam import PromptedSamEncoder
 
@@ -52,26 +52,12 @@ def tiny_encoder(
     embed_dim: int = 32,
     depth: int = 4,
 ) -> ImageEncoderViT:
-    """A random float64 SAM encoder, 2 heads, with random position embedding and rel-pos tables."""
-    torch.manual_seed(0)
-    encoder = ImageEncoderViT(
-        img_size=img_size,
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=2,
-        out_chans=8,
-        qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=window_size,
-        global_attn_indexes=global_attn_indexes,
+    """A random float64 SAM encoder, 2 heads, with random position embedding and rel-pos tables
+    (the package initialises both to zero, which would hide a misplaced bias)."""
+    encoder = sam_tiny_encoder(
+        img_size, window_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+        global_attn_indexes=global_attn_indexes, position_seed=1,
     )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the package initialises both to zero, which would hide a misplaced bias
-        for name, parameter in encoder.named_parameters():
-            if "rel_pos" in name or "pos_embed" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     return encoder.double()
 
 

@@ -835,9 +835,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 records = [
                     replace(record, tile=origin)
                     for record in records
-                    for origin in geometry.tiles(
-                        geometry.network_label(np.zeros(record.shape, np.uint8), record.spacing).shape
-                    )
+                    for origin in geometry.tiles(geometry.network_shape(record.shape, record.spacing))
                 ]
             self._datasets[key] = SliceDataset(records, transform, self.mean, self.std, self.num_classes, geometry)
         return self._datasets[key]  # type: ignore[return-value]

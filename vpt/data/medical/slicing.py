@@ -157,6 +157,14 @@ class SliceGeometry:
             max(1, int(round(shape[1] * float(spacing[1]) / self.spacing[1]))),
         )
 
+    def network_shape(self, shape: tuple[int, int], spacing: Sequence[float] | None) -> tuple[int, int]:
+        """The ``(H, W)`` :meth:`network_plane` gives a slice of ``shape``: resampled, then
+        padded up to one tile when tiled."""
+        height, width = self.resampled_size(shape, spacing)
+        if self.patch_size is None:
+            return (height, width)
+        return (max(height, self.patch_size[0]), max(width, self.patch_size[1]))
+
     def network_plane(self, plane: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
         """A [0, 1] input plane ``(H, W[, C])`` as the network's pipeline starts from it:
         resampled to the spacing, and padded up to one tile when tiled."""
