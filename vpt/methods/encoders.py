@@ -40,6 +40,7 @@ def wrap_encoder(
     dropout: float = 0.0,
     project_dim: Optional[int] = None,
     backbone_eval: bool = True,
+    gate: bool = False,
 ) -> nn.Module:
     """The encoder in its prompt-capable wrapper (which freezes it).
 
@@ -48,13 +49,16 @@ def wrap_encoder(
         num_tokens, deep, dropout: Prompt settings (0 tokens: the plain encoder).
         project_dim: Prompt projection width (timm only).
         backbone_eval: Hold the encoder in eval mode while training (all but ``full``).
+        gate: Zero-initialised per-head gates on deep prompts' attention.
     """
     family = encoder_family(encoder)
     if family == "timm":
-        return PromptedViT(encoder, num_tokens, deep=deep, dropout=dropout, project_dim=project_dim, backbone_eval=backbone_eval)
+        return PromptedViT(
+            encoder, num_tokens, deep=deep, dropout=dropout, project_dim=project_dim, backbone_eval=backbone_eval, gate=gate
+        )
     if project_dim is not None:
         raise ConfigError("method.project_dim is only available for timm ViTs; set method.project_dim=null for SAM.")
-    return PromptedSamEncoder(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval)
+    return PromptedSamEncoder(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
 
 
 def inner_encoder(wrapped: nn.Module) -> nn.Module:

@@ -23,11 +23,15 @@ class PromptConfig(MethodConfig):
         dropout: Dropout on prompt tokens (the paper uses 0.1).
         project_dim: Optional prompt width before a shared linear projection (timm ViTs);
             None for none.
+        gate: Deep prompts join each block's attention through a per-head gate initialised
+            at zero, so training starts exactly from the frozen encoder (False: the paper's
+            joint softmax). Deep prompts only.
     """
 
     num_tokens: int = 50
     dropout: float = 0.1
     project_dim: Optional[int] = None
+    gate: bool = False
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
@@ -41,10 +45,14 @@ class PromptConfig(MethodConfig):
 @register_method("vpt_deep", PromptConfig)
 def vpt_deep(encoder: nn.Module, config: PromptConfig) -> nn.Module:
     """A prompt set in every block (run as keys and values only); encoder frozen."""
-    return wrap_encoder(encoder, config.num_tokens, deep=True, dropout=config.dropout, project_dim=config.project_dim)
+    return wrap_encoder(
+        encoder, config.num_tokens, deep=True, dropout=config.dropout, project_dim=config.project_dim, gate=config.gate
+    )
 
 
 @register_method("vpt_shallow", PromptConfig)
 def vpt_shallow(encoder: nn.Module, config: PromptConfig) -> nn.Module:
     """One prompt set at the input, carried through every block; encoder frozen."""
+    if config.gate:
+        raise ConfigError("method.gate applies to deep prompts (keys and values only); use method=vpt_deep, or set method.gate=false.")
     return wrap_encoder(encoder, config.num_tokens, deep=False, dropout=config.dropout, project_dim=config.project_dim)

@@ -20,7 +20,13 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-__all__ = ["supports_key_value_prompts", "key_value_prompt_block", "prompt_keys_values", "concat_prompt_block"]
+__all__ = [
+    "supports_key_value_prompts",
+    "key_value_prompt_block",
+    "prompt_keys_values",
+    "concat_prompt_block",
+    "gated_prompt_attention",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -59,15 +65,54 @@ def _prompt_keys_values(attn: Attention, prompts: torch.Tensor) -> torch.Tensor:
     return F.linear(prompts, attn.qkv.weight[attn_dim:], bias)
 
 
+def gated_prompt_attention(
+    token_out: torch.Tensor,
+    query: torch.Tensor,
+    prompt_key: torch.Tensor,
+    prompt_value: torch.Tensor,
+    gate: torch.Tensor,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Add the prompts' attention to the tokens' own through a zero-initialised gate.
+
+    ``out = attn(q, K_tokens, V_tokens) + tanh(gate) * attn(q, K_prompts, V_prompts)``, each
+    attention with its own softmax (the zero-init attention of LLaMA-Adapter, Zhang et al.
+    2023). With the gate at 0 the block computes exactly what the frozen block computes,
+    so training starts from the frozen encoder and prompts can only add; the gate gets a
+    gradient at 0 (the prompts' output), the prompts once the gate has moved. The paper's
+    joint softmax cannot do this: any prompt key takes probability mass from the tokens.
+
+    Args:
+        token_out: The attention output over the real tokens alone, (B, heads, N, Dv).
+        query: The queries, (B, heads, N, Dq).
+        prompt_key: (P, heads, T, Dq) with P = 1 (shared) or B.
+        prompt_value: (P, heads, T, Dv).
+        gate: Gate logits, one per head, (heads,).
+        scale: Softmax scale (None: 1 / sqrt(Dq), as ``scaled_dot_product_attention``).
+
+    Returns:
+        (B, heads, N, Dv).
+    """
+    batch = query.shape[0]
+    prompt_key = prompt_key.expand(batch, -1, -1, -1)
+    prompt_value = prompt_value.expand(batch, -1, -1, -1)
+    prompt_out = F.scaled_dot_product_attention(query, prompt_key, prompt_value, dropout_p=dropout_p, scale=scale)
+    return token_out + torch.tanh(gate).to(token_out.dtype).view(1, -1, 1, 1) * prompt_out
+
+
 def key_value_prompt_block(
     block: Block,
     x: torch.Tensor,
     prompts: torch.Tensor | None,
     prompt_kv: torch.Tensor | None = None,
+    prompt_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one timm ``Block`` on ``x`` with ``prompts`` joining only as keys and values.
 
     Equivalent to ``block(cat(prefix, prompts, patches))`` with the prompt outputs removed.
+    With a ``prompt_gate``, the prompts get their own softmax and join through it instead
+    (see :func:`gated_prompt_attention`).
 
     The queries and the key/value projection are two matrix products of the same weights
     (rows split), so the prompts' keys/values join the tokens' in one contiguous copy of the
@@ -81,6 +126,7 @@ def key_value_prompt_block(
             ignored when ``prompt_kv`` is given.
         prompt_kv: The prompts' key/value projection from :func:`prompt_keys_values`,
             when the caller kept it (a constant at inference).
+        prompt_gate: Per-head gate logits, (heads,); None for the paper's joint softmax.
 
     Returns:
         The block's output for the real tokens, (B, N, D).
@@ -99,16 +145,20 @@ def key_value_prompt_block(
         assert prompts is not None, "prompts or their key/value projection are needed"
         # Computed once for the whole batch when the prompts are shared.
         prompt_kv = _prompt_keys_values(attn, block.norm1(prompts))
-    # Attention is invariant to the order of keys, so prompts can lead.
-    key_value = torch.cat([prompt_kv.to(key_value.dtype).expand(batch, -1, -1), key_value], dim=1)
+    query = attn.q_norm(query.view(batch, length, heads, head_dim).transpose(1, 2))
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if prompt_gate is None:
+        # Attention is invariant to the order of keys, so prompts can lead.
+        key_value = torch.cat([prompt_kv.to(key_value.dtype).expand(batch, -1, -1), key_value], dim=1)
     tokens = key_value.shape[1]
     key, value = key_value.view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    query = attn.q_norm(query.view(batch, length, heads, head_dim).transpose(1, 2))
     key = attn.k_norm(key)
-
-    out = F.scaled_dot_product_attention(
-        query, key, value, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+    if prompt_gate is not None:
+        prompt_kv = prompt_kv.to(key_value.dtype)
+        count, num_prompts = prompt_kv.shape[:2]
+        prompt_key, prompt_value = prompt_kv.view(count, num_prompts, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = gated_prompt_attention(out, query, attn.k_norm(prompt_key), prompt_value, prompt_gate, dropout_p=dropout)
     out = out.transpose(1, 2).reshape(batch, length, attn_dim)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:

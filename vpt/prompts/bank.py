@@ -273,6 +273,11 @@ def _num_tokens(metadata: dict[str, Any]) -> Optional[int]:
 
 def _task_from_tensors(name: str, path: Path, tensors: dict[str, torch.Tensor], encoder: PromptedViT) -> PromptTask:
     """A task from one file's tensors: prompts through the file's own projection, and its head."""
+    if "prompt_gates" in tensors:
+        raise ConfigError(
+            f"{path} holds gated prompts (method.gate=true); a prompt bank runs the paper's ungated prompts, "
+            "so predict with this file alone (vpt-predict weights=...)."
+        )
     if "vit.head.weight" not in tensors or "prompt_embeddings" not in tensors:
         raise CheckpointError(
             f"{path} has no prompt_embeddings or no classification head (vit.head.weight); a prompt bank takes "

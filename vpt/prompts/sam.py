@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vpt.errors import ConfigError
+from vpt.prompts.attention import gated_prompt_attention
 from vpt.prompts.kept import KeptProjections
 from vpt.prompts.vit import follow_train_mode, prompt_init_bound
 
@@ -88,6 +89,10 @@ class PromptedSamEncoder(nn.Module):
         attention: ``"folded"`` (the relative-position bias folded into queries and keys,
             fused kernels, no L x L tensor) or ``"bias"`` (the bias as a dense additive mask,
             the reference); see the module docstring.
+        gate: Deep prompts join each block's attention through a learnable per-head gate
+            initialised at zero (``prompt_gates``, (depth, heads); see
+            :func:`~vpt.prompts.attention.gated_prompt_attention`): at step 0 the encoder
+            equals the frozen one exactly. False keeps the paper's joint softmax.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class PromptedSamEncoder(nn.Module):
         dropout: float = 0.0,
         backbone_eval: bool = True,
         attention: str = "folded",
+        gate: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoderViT):
@@ -133,6 +139,13 @@ class PromptedSamEncoder(nn.Module):
         else:
             self.register_parameter("prompt_embeddings", None)
         self.prompt_dropout = nn.Dropout(dropout)
+        if gate and not (deep and num_tokens > 0):
+            raise ConfigError("method.gate applies to deep prompts (keys and values only); use method=vpt_deep, or set method.gate=false.")
+        if gate:
+            heads = image_encoder.blocks[0].attn.num_heads
+            self.prompt_gates: nn.Parameter | None = nn.Parameter(torch.zeros(len(image_encoder.blocks), heads))
+        else:
+            self.register_parameter("prompt_gates", None)
 
     @property
     def embed_dim(self) -> int:
@@ -176,13 +189,14 @@ class PromptedSamEncoder(nn.Module):
         x: torch.Tensor,
         prompts: torch.Tensor | None,
         prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        gate: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(
                 prompted_block, block, x, prompts, not self.deep, attention=self.attention, prompt_kv=prompt_kv,
-                use_reentrant=False,
+                gate=gate, use_reentrant=False,
             )
-        return prompted_block(block, x, prompts, not self.deep, attention=self.attention, prompt_kv=prompt_kv)
+        return prompted_block(block, x, prompts, not self.deep, attention=self.attention, prompt_kv=prompt_kv, gate=gate)
 
     def _keep_keys_values(self, x: torch.Tensor) -> bool:
         """Whether this forward may reuse kept deep-prompt keys/values (inference only)."""
@@ -226,7 +240,8 @@ class PromptedSamEncoder(nn.Module):
                     kept = self._kept.get(
                         index, lambda: _project(block.attn, block.norm1(prompts), parts=2)  # noqa: B023 - called now
                     )
-                x, _ = self._run_block(block, x, prompts, kept)
+                gate = self.prompt_gates[index] if self.prompt_gates is not None else None
+                x, _ = self._run_block(block, x, prompts, kept, gate)
             else:
                 x, carried = self._run_block(block, x, carried)
         return encoder.neck(x.permute(0, 3, 1, 2))
@@ -240,6 +255,7 @@ def prompted_block(
     *,
     attention: str = "folded",
     prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run one segment-anything ``Block`` with prompt tokens joining its attention.
 
@@ -253,6 +269,8 @@ def prompted_block(
         attention: ``"folded"`` or ``"bias"``, as ``PromptedSamEncoder``.
         prompt_kv: Deep prompts' keys and values for this block, (P, heads, T, head_dim)
             each, when the caller kept them (inference); ``prompts`` is then not projected.
+        gate: Deep prompts only: per-head gate logits (heads,); the prompts then get their
+            own softmax and join through ``tanh(gate)`` (None: the joint softmax).
 
     Returns:
         The block's output grid (B, H, W, C), and the updated prompts (B, T, C) when
@@ -277,7 +295,7 @@ def prompted_block(
     else:
         # The block's own prompt keys/values, computed once for the batch when shared.
         key, value = prompt_kv if prompt_kv is not None else _project(block.attn, block.norm1(prompts), parts=2)
-        out, _ = _attention(block.attn, hidden, None, key, value, attention=attention)
+        out, _ = _attention(block.attn, hidden, None, key, value, attention=attention, gate=gate)
 
     if block.window_size > 0:
         out = window_unpartition(out, block.window_size, padded_hw, (height, width))
@@ -329,6 +347,7 @@ def _attention(
     prompt_value: torch.Tensor | None,
     *,
     attention: str = "folded",
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """segment-anything's ``Attention.forward`` with prompt tokens and fused attention.
 
@@ -342,6 +361,8 @@ def _attention(
         prompt_value: Prompt values, as ``prompt_key``.
         attention: ``"folded"``: the relative-position bias folded into queries and keys
             (no mask, no L x L tensor); ``"bias"``: the bias as a dense additive mask.
+        gate: Per-head gate logits (heads,) for key/value prompts: their attention gets its
+            own softmax and is added through ``tanh(gate)``; None for the joint softmax.
 
     Returns:
         The projected output for the grid tokens (N, h, w, C) and, when prompts are
@@ -359,7 +380,15 @@ def _attention(
         scale = 1.0  # the queries carry attn.scale now, and the bias columns must stay unscaled
 
     prompt_queries = 0
-    if prompt_key is not None:
+    gated: tuple[torch.Tensor, torch.Tensor] | None = None
+    if prompt_key is not None and gate is not None:
+        if prompt_query is not None:
+            raise ConfigError("Gated prompts are keys and values only; use method=vpt_deep with method.gate.")
+        if folded:
+            # Zero one-hot columns: prompt keys have no position, so no bias.
+            prompt_key = _widen(prompt_key, key.shape[-1])
+        gated = (_per_window(prompt_key, count), _per_window(prompt_value, count))
+    elif prompt_key is not None:
         tokens = prompt_key.shape[2]
         if folded:
             # Zero one-hot columns: prompt keys have no position, so no bias.
@@ -384,7 +413,13 @@ def _attention(
     # An additive mask (the "bias" form) rules out the FlashAttention kernel on GPUs; the
     # memory-efficient kernel takes it (and its gradient, which reaches the queries through
     # the bias).
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)[..., :head_dim]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+    if gated is not None:
+        gated_key, gated_value = gated
+        if folded:
+            gated_value = _widen(gated_value, query.shape[-1])
+        out = gated_prompt_attention(out, query, gated_key, gated_value, gate, scale=scale)
+    out = out[..., :head_dim]
     out = attn.proj(out.transpose(1, 2).reshape(count, prompt_queries + length, dim))
     grid_out = out[:, prompt_queries:].reshape(count, height, width, dim)
     return grid_out, (out[:, :prompt_queries] if prompt_queries else None)

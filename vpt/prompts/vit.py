@@ -64,6 +64,10 @@ class PromptedViT(nn.Module):
         key_value_prompts: Run deep prompts as keys and values only where the block allows
             (exact and faster); False forces the naive concatenation (for checks and
             benchmarks).
+        gate: Deep prompts join each block's attention through a learnable per-head gate
+            initialised at zero (``prompt_gates``, (depth, heads); see
+            :func:`~vpt.prompts.attention.gated_prompt_attention`): at step 0 the model
+            equals the frozen one exactly. False keeps the paper's joint softmax.
 
     Inference: in eval mode without gradients, deep prompts' keys and values are constants,
     so they are computed once per block and kept (``cache_prompt_keys_values``, on by
@@ -81,6 +85,7 @@ class PromptedViT(nn.Module):
         project_dim: Optional[int] = None,
         backbone_eval: bool = True,
         key_value_prompts: bool = True,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer):
@@ -115,6 +120,15 @@ class PromptedViT(nn.Module):
         self.cache_prompt_keys_values = True
         self.compile_target = "_forward_blocks"  # what model.compile=true compiles
         self._kept = KeptProjections()
+        if gate and not (deep and num_tokens > 0 and all(self._key_value_blocks)):
+            raise ConfigError(
+                "method.gate applies to deep prompts in timm's standard blocks (keys and values only); "
+                "use method=vpt_deep, or set method.gate=false."
+            )
+        if gate:
+            self.prompt_gates: Optional[nn.Parameter] = nn.Parameter(torch.zeros(len(vit.blocks), vit.blocks[0].attn.num_heads))
+        else:
+            self.register_parameter("prompt_gates", None)
         if key_value_prompts and deep and num_tokens > 0 and not all(self._key_value_blocks):
             _logger.info("Some blocks are not timm's standard Block; they run deep prompts by concatenation.")
 
@@ -201,6 +215,9 @@ class PromptedViT(nn.Module):
         enabled = self.cache_prompt_keys_values and self.deep and self.num_tokens > 0
         return self._kept.active(enabled, self.training, sources, x)
 
+    def _gate(self, index: int) -> Optional[torch.Tensor]:
+        return self.prompt_gates[index] if self.prompt_gates is not None else None
+
     def _run_block(
         self, index: int, x: torch.Tensor, prompts: Optional[torch.Tensor], reuse: bool = False
     ) -> torch.Tensor:
@@ -209,9 +226,9 @@ class PromptedViT(nn.Module):
             fn, args = block, (x,)
         elif reuse and self._key_value_blocks[index]:
             kept = self._kept.get(index, lambda: prompt_keys_values(block, prompts))
-            fn, args = key_value_prompt_block, (block, x, None, kept)
+            fn, args = key_value_prompt_block, (block, x, None, kept, self._gate(index))
         elif self._key_value_blocks[index]:
-            fn, args = key_value_prompt_block, (block, x, prompts)
+            fn, args = key_value_prompt_block, (block, x, prompts, None, self._gate(index))
         else:
             fn, args = concat_prompt_block, (block, x, prompts, self.num_prefix_tokens)
         if self.grad_checkpointing and torch.is_grad_enabled():
