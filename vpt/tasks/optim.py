@@ -17,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from vpt.errors import ConfigError
+from vpt.methods.report import default_group
 
 __all__ = ["OptimizerConfig", "SchedulerConfig", "WarmupCosine", "build_optimizer", "scaled_lr"]
 
@@ -29,6 +30,9 @@ class OptimizerConfig:
     weight_decay: Decoupled (AdamW) or L2 (SGD) weight decay.
     momentum: SGD momentum.
     betas: AdamW betas.
+    prompt_lr_scale: Learning rate of what trains inside the encoder (prompts and their
+        gates, LoRA, adapters, BitFit biases, unfrozen blocks) as a multiple of the head's
+        or decoder's; 1 trains both at one rate, as the paper.
     """
 
     name: str = "sgd"
@@ -36,12 +40,15 @@ class OptimizerConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
+    prompt_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {self.name!r}.")
         if self.base_lr <= 0:
             raise ConfigError(f"optimizer.base_lr must be positive, got {self.base_lr}.")
+        if self.prompt_lr_scale <= 0:
+            raise ConfigError(f"optimizer.prompt_lr_scale must be positive, got {self.prompt_lr_scale}.")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 
@@ -62,9 +69,17 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """An optimiser over ``model``'s trainable parameters (timm's weight-decay groups)."""
+    """An optimiser over ``model``'s trainable parameters: timm's weight-decay groups, each
+    split into the encoder's part (learning rate ``lr * prompt_lr_scale``) and the head's or
+    decoder's (``lr``), parameter names grouped by :func:`vpt.methods.report.default_group`."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=skip)
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups = []
+    for decay_group in param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=skip):
+        head = [p for p in decay_group["params"] if default_group(names[id(p)]) == "head"]
+        encoder = [p for p in decay_group["params"] if default_group(names[id(p)]) != "head"]
+        groups.append({**decay_group, "params": encoder, "lr": lr * config.prompt_lr_scale, "part": "encoder"})
+        groups.append({**decay_group, "params": head, "lr": lr, "part": "head"})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("The model has no trainable parameters; check the method config.")
