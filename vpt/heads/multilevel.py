@@ -76,6 +76,9 @@ class MultiLevelDecoder(nn.Module):
         hidden_dim: Channels of the pyramid.
         stem_dim: Channels of the full-resolution image stem (and of the final layer).
         in_chans: Channels of the input image.
+        image_stem: Join the full-resolution convolutional stem on the image before the
+            last layer. Without it the logits come from the encoder's grids alone
+            (upsampled), so the decoder cannot segment from intensities by itself.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class MultiLevelDecoder(nn.Module):
         hidden_dim: int = 128,
         stem_dim: int = 32,
         in_chans: int = 3,
+        image_stem: bool = True,
     ) -> None:
         super().__init__()
         self.blocks = [int(index) for index in blocks]
@@ -97,8 +101,9 @@ class MultiLevelDecoder(nn.Module):
         self.reassemble = nn.ModuleList(_Reassemble(embed_dim, hidden_dim, scale) for scale in scales)
         self.fuse = nn.ModuleList(_conv_unit(hidden_dim, hidden_dim) for _ in range(levels - 1))
         self.squeeze = nn.Conv2d(hidden_dim, stem_dim, kernel_size=1)
-        self.stem = nn.Sequential(_conv_unit(in_chans, stem_dim), _conv_unit(stem_dim, stem_dim))
-        self.head = nn.Sequential(_conv_unit(2 * stem_dim, stem_dim), nn.Conv2d(stem_dim, num_classes, kernel_size=1))
+        self.stem = nn.Sequential(_conv_unit(in_chans, stem_dim), _conv_unit(stem_dim, stem_dim)) if image_stem else None
+        joined = 2 * stem_dim if image_stem else stem_dim
+        self.head = nn.Sequential(_conv_unit(joined, stem_dim), nn.Conv2d(stem_dim, num_classes, kernel_size=1))
 
     def forward(self, grids: Sequence[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """Patch grids (one (B, D, h, w) per block of ``blocks``) and the images (B, C, H, W)
@@ -113,4 +118,6 @@ class MultiLevelDecoder(nn.Module):
             x = F.interpolate(x, size=finer.shape[-2:], mode="bilinear", align_corners=False)
             x = self.fuse[level](x + finer)
         x = F.interpolate(self.squeeze(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(torch.cat([x, self.stem(images)], dim=1))
+        if self.stem is not None:
+            x = torch.cat([x, self.stem(images)], dim=1)
+        return self.head(x)

@@ -152,8 +152,14 @@ def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, d
         decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=width)
     else:
         blocks = evenly_spaced_blocks(len(vit.blocks), int(cfg.task.get("decoder_levels", 4)))
-        decoder = MultiLevelDecoder(vit.embed_dim, num_classes, blocks, hidden_dim=width, in_chans=vit.patch_embed.proj.in_channels)
-    return VitSegmenter(encoder, decoder), data
+        decoder = MultiLevelDecoder(
+            vit.embed_dim, num_classes, blocks, hidden_dim=width, in_chans=vit.patch_embed.proj.in_channels,
+            image_stem=bool(cfg.task.get("image_stem", True)),
+        )
+    features = str(cfg.task.get("encoder_features", "real"))
+    if features not in ("real", "zeros"):
+        raise ConfigError(f"task.encoder_features={features} is not valid; use real, or zeros (a decoder-alone control).")
+    return VitSegmenter(encoder, decoder, zero_features=features == "zeros"), data
 
 
 def build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, dict[str, Any]]:

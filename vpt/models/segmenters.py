@@ -42,18 +42,26 @@ class VitSegmenter(nn.Module):
         decoder: A :class:`~vpt.heads.MultiLevelDecoder` (reads the grids of several
             blocks and the image; logits at the input size) or the light
             :class:`~vpt.heads.PatchTokenDecoder` (last block only; logits at 4x the patch grid).
+        zero_features: A control: the decoder gets zeros instead of the encoder's features,
+            so a run measures what the decoder does alone.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, zero_features: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.zero_features = zero_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> class logits (B, C, H, W) (multi-level) or (B, C, 4 H/p, 4 W/p) (light)."""
         if isinstance(self.decoder, MultiLevelDecoder):
-            return self.decoder(self.encoder.forward_intermediates(images, self.decoder.blocks), images)
+            grids = self.encoder.forward_intermediates(images, self.decoder.blocks)
+            if self.zero_features:
+                grids = [torch.zeros_like(grid) for grid in grids]
+            return self.decoder(grids, images)
         tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens :]
+        if self.zero_features:
+            tokens = torch.zeros_like(tokens)
         patch = self.encoder.vit.patch_embed.patch_size
         grid = (images.shape[-2] // patch[0], images.shape[-1] // patch[1])
         return self.decoder(tokens, grid)
