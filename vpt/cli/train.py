@@ -4,6 +4,10 @@ CLI -> Hydra config -> checks (run folder, accelerator, resume checkpoint) -> ta
 (backbone, method, data) -> Lightning Trainer -> run folder with the resolved config,
 checkpoints, trained weights, CSV log, metrics.json and pictures.
 
+The test scores the checkpoint ``task.test_checkpoint`` names: ``best`` (the best validation
+epoch, when validation chose one) or ``last`` (the weights at the end of training); the
+trained-weights file holds the weights that were tested.
+
 Nothing is written before the checks pass, so a refused run leaves a run folder exactly
 as it was (Hydra's own ``.hydra/`` record included: vpt writes it after the checks).
 """
@@ -32,7 +36,15 @@ from vpt.errors import ConfigError
 from vpt.methods import parameter_groups, parameter_table, save_trained_weights
 from vpt.runs import check_run_dir, plot_curves, write_json
 from vpt.tasks import build_task
-from vpt.training import TRAINER_ARGUMENTS, build_trainer, check_accelerator, check_resume_fits, load_checkpoint_file
+from vpt.training import (
+    TRAINER_ARGUMENTS,
+    build_trainer,
+    check_accelerator,
+    check_resume_fits,
+    check_test_checkpoint,
+    load_checkpoint_file,
+    warn_if_validation_cannot_choose,
+)
 
 __all__ = ["train", "main", "trainer_overrides"]
 
@@ -106,9 +118,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
 
     Raises:
         VptError: a refused run folder, a GPU trainer without a GPU, a resume checkpoint
-            that is missing, unreadable or from another model/method/task (nothing written).
+            that is missing, unreadable or from another model/method/task, a
+            ``task.test_checkpoint`` other than best/last (nothing written).
     """
     run_dir = Path(run_dir or _run_dir(cfg))
+    test_checkpoint = check_test_checkpoint(cfg.task.test_checkpoint)
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     # DDP's extra processes re-run this command into the folder the first one has checked
     # and started to write.
@@ -140,6 +154,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         parts.datamodule.prepare_data()
         parts.datamodule.setup("fit")
         parts.datamodule.check_cases()
+    if test_checkpoint == "best" and launched_rank == 0:
+        warn_if_validation_cannot_choose(parts.datamodule, cfg.monitor)
     counts = parameter_groups(parts.model)
     trainer, best_checkpoint = build_trainer(
         trainer_options,  # type: ignore[arg-type]
@@ -162,12 +178,16 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     best = best_checkpoint.best_model_path or None
     if best and not Path(best).is_file():
         best = None
-    results = trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=best, verbose=False)
+    tested = "best" if test_checkpoint == "best" and best else "last"
+    if test_checkpoint == "best" and not best and trainer.is_global_zero:
+        _logger.info("No validation score chose a best epoch; testing the weights at the end of training.")
+    # ckpt_path=None tests the module as training left it: the weights last.ckpt holds.
+    results = trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=best if tested == "best" else None, verbose=False)
 
     metrics: dict[str, Any] = dict(results[0]) if results else {}
     if not trainer.is_global_zero:
         return metrics
-    # The model now holds the weights that were tested (the best epoch's when validated).
+    # The model now holds the weights that were tested (trainer.test loaded best.ckpt into it).
     save_trained_weights(
         parts.model,
         run_dir / TRAINED_WEIGHTS,
@@ -187,6 +207,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             "total_params": counts["total"][1],
             "trained_weights": TRAINED_WEIGHTS,
             "best_checkpoint": os.path.relpath(best, run_dir) if best else None,
+            "tested_checkpoint": tested,
             "wall_time_s": round(time.time() - started, 1),
         }
     )

@@ -1,9 +1,10 @@
 """Lightning checkpoints that are safe to load, written atomically, and resumable exactly.
 
 - :func:`load_checkpoint_file` is the one place vpt reads a Lightning checkpoint a user
-  hands it (``ckpt_path=``, ``best.ckpt`` for testing): a local file only, read with
-  ``torch.load(weights_only=True)`` passed explicitly (an explicit ``True`` wins over the
-  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` escape hatch), every failure turned into one sentence.
+  hands it (``ckpt_path=``, ``best.ckpt`` for testing, ``vpt-evaluate checkpoint=``): a
+  local file only, read with ``torch.load(weights_only=True)`` passed explicitly (an
+  explicit ``True`` wins over the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` escape hatch), every
+  failure turned into one sentence.
 - :class:`SafeCheckpointIO` is the Lightning plugin through which the Trainer saves
   (atomically) and loads (through :func:`load_checkpoint_file`) checkpoints, so Lightning
   never unpickles a file itself.
@@ -14,6 +15,8 @@
   order, augmentations and prompt dropout as an uninterrupted one.
 - :func:`check_resume_fits` compares a checkpoint's recorded run with the run that wants to
   resume it, before anything is built or written.
+- :func:`load_checkpoint_weights` puts a checkpoint's trained tensors into a task module
+  rebuilt from a run config, for scoring it, after checking that they fit.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -43,6 +47,7 @@ __all__ = [
     "RandomState",
     "check_resume_fits",
     "checkpoint_step",
+    "load_checkpoint_weights",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -50,12 +55,30 @@ _logger = logging.getLogger(__name__)
 _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ftp://", "file://")
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+#: What a checkpoint is read for: resuming a run (``vpt-train ckpt_path=``) or scoring it
+#: (``vpt-evaluate checkpoint=``); the messages name that tool's argument and fix.
+CheckpointUse = Literal["resume", "evaluate"]
+
+# (where to find a good checkpoint, what to do instead of using this one), by use.
+_FIXES: dict[str, tuple[str, str]] = {
+    "resume": (
+        "pass ckpt_path=<run folder>/checkpoints/last.ckpt of an earlier run",
+        "resume from another one (e.g. best.ckpt) or start a new run",
+    ),
+    "evaluate": (
+        "pass checkpoint=best, checkpoint=last or the path of a .ckpt written by vpt-train",
+        "evaluate another one (checkpoint=best or checkpoint=last) or the run's trained weights (no checkpoint=)",
+    ),
+}
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", use: CheckpointUse = "resume") -> dict[str, Any]:
     """Read a Lightning checkpoint safely.
 
     Args:
         path: A local ``.ckpt`` file (URLs are refused: download the file and pass its path).
         map_location: Passed to ``torch.load``.
+        use: What the checkpoint is for, so that a refusal names the right fix.
 
     Returns:
         The checkpoint dictionary.
@@ -64,18 +87,26 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
         CheckpointError: remote, missing, empty, truncated, not a checkpoint, or holding
             objects other than tensors and plain values.
     """
+    where, instead = _FIXES[use]
+    argument = "ckpt_path" if use == "resume" else "checkpoint"
     text = str(path)
     if text.lower().startswith(_REMOTE_PREFIXES) or "://" in text:
         raise CheckpointError(
-            f"ckpt_path={text} is a URL; vpt only resumes from local files it can check, so download it and pass its path."
+            f"{argument}={text} is a URL; vpt only reads local checkpoints it can check, so download it and pass its path."
         )
     file = Path(text).expanduser()
     if not file.exists():
-        raise CheckpointError(f"Checkpoint {file} does not exist; pass ckpt_path=<run folder>/checkpoints/last.ckpt of an earlier run.")
+        raise CheckpointError(f"Checkpoint {file} does not exist; {where}.")
     if not file.is_file():
-        raise CheckpointError(f"Checkpoint {file} is not a file; pass ckpt_path=<run folder>/checkpoints/last.ckpt.")
+        raise CheckpointError(f"Checkpoint {file} is not a file; {where}.")
     if file.stat().st_size == 0:
-        raise CheckpointError(f"Checkpoint {file} is empty (0 bytes), probably from a crash while it was written; resume from another checkpoint (e.g. best.ckpt) or start a new run.")
+        raise CheckpointError(f"Checkpoint {file} is empty (0 bytes), probably from a crash while it was written; {instead}.")
+    if not zipfile.is_zipfile(file):
+        # torch.save writes a zip archive; anything else (a cut-off file, another format) would
+        # reach torch's legacy unpickler and read as "unsafe objects", which it is not.
+        raise CheckpointError(
+            f"Checkpoint {file} cannot be read (not a complete torch archive); it is truncated or not a checkpoint, so {instead}."
+        )
     try:
         # weights_only=True is passed explicitly on purpose: an explicit value is not
         # overridden by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so no environment turns this
@@ -85,15 +116,15 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"Checkpoint {file} holds objects other than tensors and plain values ({first[:160]}); vpt refuses to unpickle "
-            "it, so resume only from checkpoints written by vpt."
+            "it, so use only checkpoints written by vpt."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
         raise CheckpointError(
             f"Checkpoint {file} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'truncated'}); "
-            "it is truncated or not a checkpoint, so resume from another one (e.g. best.ckpt) or start a new run."
+            f"it is truncated or not a checkpoint, so {instead}."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict); pass a checkpoints/last.ckpt written by vpt-train.")
+        raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict); {where}.")
     return checkpoint
 
 
@@ -310,3 +341,50 @@ def check_resume_fits(checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], pat
             f"Checkpoint {path} was trained with method {_describe(before_method)} but this run has "
             f"method {_describe(now_method)}; resume with the method and options it was trained with."
         )
+
+
+def load_checkpoint_weights(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Put the trained tensors of a vpt Lightning checkpoint into a task module, for scoring.
+
+    A vpt checkpoint holds exactly the tensors the task trains (``model.<name>``, see
+    :class:`vpt.tasks.base.TrainableCheckpointMixin`); the frozen backbone comes from the
+    rebuilt module. Nothing is copied unless every tensor fits.
+
+    Args:
+        module: The task's LightningModule, rebuilt from the run config (``module.model`` is
+            the network).
+        checkpoint: From :func:`load_checkpoint_file`.
+        path: The checkpoint's path, for the message.
+
+    Raises:
+        CheckpointError: trained on another backbone, or tensors missing, extra or of other
+            shapes (the first few named).
+    """
+    state = checkpoint["state_dict"]
+    saved_backbone, built_backbone = checkpoint.get("vpt_backbone"), getattr(module, "backbone_id", None)
+    if saved_backbone is not None and built_backbone is not None and saved_backbone != built_backbone:
+        raise CheckpointError(
+            f"Checkpoint {path} was trained on backbone {saved_backbone!r} but the run config builds {built_backbone!r}; "
+            "evaluate it with the run it was trained in (run_dir=<its run folder>)."
+        )
+    network: nn.Module = getattr(module, "model", module)
+    prefix = "model." if network is not module else ""
+    trainable = {f"{prefix}{name}": param for name, param in network.named_parameters() if param.requires_grad}
+    missing = sorted(set(trainable) - set(state))
+    extra = sorted(set(state) - set(trainable))
+    mis_shaped = [
+        f"{name} {tuple(tensor.shape)} vs model {tuple(trainable[name].shape)}"
+        for name, tensor in state.items()
+        if name in trainable and tuple(getattr(tensor, "shape", ())) != tuple(trainable[name].shape)
+    ]
+    if missing or extra or mis_shaped:
+        problems = [f"lacks {missing[:5]}"] if missing else []
+        problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
+        problems += [f"holds tensors of other shapes {mis_shaped[:3]}"] if mis_shaped else []
+        raise CheckpointError(
+            f"Checkpoint {path} does not fit the model of this run config (it {' and '.join(problems)}); evaluate it "
+            "with the run it was trained in (run_dir=<its run folder>), whose method and classes built it."
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            trainable[name].copy_(tensor.to(trainable[name].dtype))

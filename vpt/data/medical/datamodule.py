@@ -196,6 +196,15 @@ class _SliceRecord:
     shape: tuple[int, int] = (0, 0)  # (H, W) of the slice as stored
     tile: tuple[int, int] | None = None  # validation tile origin (y, x) on the network grid
 
+    def stored_label(self) -> np.ndarray:
+        """The slice's label as stored, ``(H, W)`` class indices (read from its file or cache entry)."""
+        if self.path is not None:
+            return read_npz_slice(self.path, label_only=True)[1]
+        if self.cached is not None:
+            return np.asarray(self.cached.label()[self.position])
+        assert self.label is not None, "a slice record holds its label, its file or its cache entry"
+        return self.label
+
 
 class SliceDataset(Dataset):
     """2D slices of the training or validation cases with their masks.
@@ -765,6 +774,25 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             warn_batch_exceeds_training_set(_logger, self.batch_size, len(records), "slices", str(self.root))
         self._records[split] = records
         return records
+
+    def class_voxel_counts(self, split: str) -> np.ndarray:
+        """Labelled voxels of each class over one train/val split, for judging whether it can
+        rank epochs (see :mod:`vpt.training.selection`).
+
+        The split's slices are every labelled slice of its cases (plus some empty ones), so
+        the foreground counts are those of the whole cases.
+
+        Args:
+            split: ``"train"`` or ``"val"``.
+
+        Returns:
+            ``(num_classes,)`` int64, background first.
+        """
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for record in self._slice_records(split):
+            label = np.asarray(record.stored_label()).ravel().astype(np.int64, copy=False)
+            counts += np.bincount(label, minlength=self.num_classes)[: self.num_classes]
+        return counts
 
     def check_cases(self, splits: Sequence[str] = SPLITS) -> int:
         """Read every case of the given splits once and raise on the first problem.
