@@ -54,8 +54,8 @@ def _alone(backbone: torch.nn.Module, path: Path, method: str, num_classes: int,
 
 @pytest.mark.parametrize(
     "method, options",
-    [("vpt_deep", {}), ("vpt_shallow", {}), ("vpt_deep", {"project_dim": 16})],
-    ids=["deep", "shallow", "deep-projected"],
+    [("vpt_deep", {}), ("vpt_shallow", {}), ("vpt_deep", {"project_dim": 16}), ("vpt_deep", {"gate": True})],
+    ids=["deep", "shallow", "deep-projected", "deep-gated"],
 )
 def test_mixed_batch_and_forward_all_equal_each_task_alone(backbone, tmp_path, method, options) -> None:
     paths = _save_tasks(backbone, tmp_path, method, **options)
@@ -148,3 +148,10 @@ def test_bad_task_ids_and_encoders_are_refused(backbone, tmp_path) -> None:
     with pytest.raises(ConfigError, match="PromptedViT with prompts"):
         PromptBank(copy.deepcopy(backbone), [])
     assert isinstance(bank.encoder, PromptedViT)
+
+
+def test_gated_and_ungated_files_do_not_share_a_bank(backbone, tmp_path) -> None:
+    gated = _save_task(backbone, tmp_path / "gated.safetensors", "vpt_deep", 3, seed=1, num_tokens=NUM_TOKENS, gate=True)
+    plain = _save_task(backbone, tmp_path / "plain.safetensors", "vpt_deep", 3, seed=2, num_tokens=NUM_TOKENS)
+    with pytest.raises(CheckpointError, match="method.gate"):
+        PromptBank.from_files(copy.deepcopy(backbone), [gated, plain])

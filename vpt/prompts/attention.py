@@ -88,7 +88,7 @@ def gated_prompt_attention(
         query: The queries, (B, heads, N, Dq).
         prompt_key: (P, heads, T, Dq) with P = 1 (shared) or B.
         prompt_value: (P, heads, T, Dv).
-        gate: Gate logits, one per head, (heads,).
+        gate: Gate logits, one per head, (heads,), or per sample and head, (B, heads).
         scale: Softmax scale (None: 1 / sqrt(Dq), as ``scaled_dot_product_attention``).
 
     Returns:
@@ -98,7 +98,8 @@ def gated_prompt_attention(
     prompt_key = prompt_key.expand(batch, -1, -1, -1)
     prompt_value = prompt_value.expand(batch, -1, -1, -1)
     prompt_out = F.scaled_dot_product_attention(query, prompt_key, prompt_value, dropout_p=dropout_p, scale=scale)
-    return token_out + torch.tanh(gate).to(token_out.dtype).view(1, -1, 1, 1) * prompt_out
+    gate = gate.view(-1 if gate.dim() == 2 else 1, gate.shape[-1], 1, 1)
+    return token_out + torch.tanh(gate).to(token_out.dtype) * prompt_out
 
 
 def key_value_prompt_block(
@@ -126,7 +127,7 @@ def key_value_prompt_block(
             ignored when ``prompt_kv`` is given.
         prompt_kv: The prompts' key/value projection from :func:`prompt_keys_values`,
             when the caller kept it (a constant at inference).
-        prompt_gate: Per-head gate logits, (heads,); None for the paper's joint softmax.
+        prompt_gate: Per-head gate logits, (heads,) or (B, heads); None for the paper's joint softmax.
 
     Returns:
         The block's output for the real tokens, (B, N, D).

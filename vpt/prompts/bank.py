@@ -41,11 +41,14 @@ class PromptTask:
         prompts: Prompt tokens at the model's width, (S, T, D): S = depth (deep) or 1
             (shallow), already through the task's projection if it had one.
         head: The task's classifier on pooled features, (B, D) -> (B, C_task).
+        gates: Gated deep prompts (``method.gate``): the task's gate logits, (depth, heads);
+            None for the paper's ungated prompts.
     """
 
     name: str
     prompts: torch.Tensor
     head: nn.Module
+    gates: Optional[torch.Tensor] = None
 
 
 class PromptBank(nn.Module):
@@ -86,9 +89,19 @@ class PromptBank(nn.Module):
                     f"{expected}; every task needs the encoder's method, num_tokens and width "
                     "(banks of different token counts are not supported)."
                 )
+        gated = encoder.prompt_gates is not None
+        for task in tasks:
+            if (task.gates is not None) != gated or (gated and tuple(task.gates.shape) != tuple(encoder.prompt_gates.shape)):
+                raise ConfigError(
+                    f"Task {task.name!r} is {'un' if task.gates is None else ''}gated but the encoder is "
+                    f"{'' if gated else 'un'}gated; put files trained with one method.gate setting in a bank."
+                )
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.task_names = names
+        # (N, depth, heads) for gated prompts: each sample gets its task's gates too.
+        gates = torch.stack([task.gates.detach() for task in tasks]) if gated else None  # type: ignore[union-attr]
+        self.register_buffer("task_gates", gates, persistent=True)
         # (N, S, T, D): indexed by task id to give each sample its prompts.
         self.register_buffer("task_prompts", torch.stack([task.prompts.detach() for task in tasks]), persistent=True)
         self.heads = nn.ModuleList(task.head for task in tasks)
@@ -121,7 +134,8 @@ class PromptBank(nn.Module):
         """
         task_ids = self._check_task_ids(task_ids, images.shape[0]).to(self.task_prompts.device)
         prompt_sets = self.task_prompts[task_ids].to(images.dtype)
-        tokens = self.encoder.forward_features(images, prompt_sets=prompt_sets)
+        gate_sets = self.task_gates[task_ids] if self.task_gates is not None else None
+        tokens = self.encoder.forward_features(images, prompt_sets=prompt_sets, gate_sets=gate_sets)
         return self.encoder.forward_head(tokens, pre_logits=True)
 
     def forward(self, images: torch.Tensor, task_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -218,7 +232,7 @@ class PromptBank(nn.Module):
 
         metadata = [read_trained_metadata(path) for path in paths]
         first_path, first = paths[0], metadata[0]
-        method, num_tokens = first.get("method"), _num_tokens(first)
+        method, num_tokens, gate = first.get("method"), _num_tokens(first), _gated(first)
         expected_backbone = backbone if backbone is not None else first.get("backbone")
         for path, meta in zip(paths, metadata):
             if meta.get("method") not in _PROMPT_METHODS:
@@ -236,6 +250,11 @@ class PromptBank(nn.Module):
                     f"{path} has num_tokens={_num_tokens(meta)} but {first_path} has num_tokens={num_tokens}; "
                     "a bank takes files of one token count (build one bank per count)."
                 )
+            if _gated(meta) != gate:
+                raise CheckpointError(
+                    f"{path} was trained with method.gate={_gated(meta)} but {first_path} with method.gate={gate}; "
+                    "a bank takes files of one gate setting."
+                )
             if meta.get("backbone") != expected_backbone:
                 raise CheckpointError(
                     f"{path} was trained on backbone={meta.get('backbone')}, not {expected_backbone}; "
@@ -245,13 +264,14 @@ class PromptBank(nn.Module):
         deep = method == "vpt_deep"
         if isinstance(vit, PromptedViT):
             encoder = vit
-            if encoder.deep != deep or encoder.num_tokens != num_tokens:
+            if encoder.deep != deep or encoder.num_tokens != num_tokens or (encoder.prompt_gates is not None) != gate:
                 raise CheckpointError(
-                    f"{first_path} holds method={method} num_tokens={num_tokens} prompts, but the given model has "
-                    f"deep={encoder.deep} num_tokens={encoder.num_tokens}; pass the plain timm ViT instead."
+                    f"{first_path} holds method={method} num_tokens={num_tokens} gate={gate} prompts, but the given model has "
+                    f"deep={encoder.deep} num_tokens={encoder.num_tokens} gate={encoder.prompt_gates is not None}; "
+                    "pass the plain timm ViT instead."
                 )
         else:
-            encoder = apply_method(vit, method, num_tokens=num_tokens)
+            encoder = apply_method(vit, method, num_tokens=num_tokens, **({"gate": True} if gate else {}))
             if not isinstance(encoder, PromptedViT):
                 raise ConfigError(
                     f"PromptBank serves timm ViTs only, got {type(vit).__name__}; SAM prompt files are not supported."
@@ -271,12 +291,20 @@ def _num_tokens(metadata: dict[str, Any]) -> Optional[int]:
     return (options or {}).get("num_tokens")
 
 
+def _gated(metadata: dict[str, Any]) -> bool:
+    options = metadata.get("method_options")
+    if isinstance(options, str):
+        options = json.loads(options)
+    return bool((options or {}).get("gate", False))
+
+
 def _task_from_tensors(name: str, path: Path, tensors: dict[str, torch.Tensor], encoder: PromptedViT) -> PromptTask:
-    """A task from one file's tensors: prompts through the file's own projection, and its head."""
-    if "prompt_gates" in tensors:
-        raise ConfigError(
-            f"{path} holds gated prompts (method.gate=true); a prompt bank runs the paper's ungated prompts, "
-            "so predict with this file alone (vpt-predict weights=...)."
+    """A task from one file's tensors: prompts through the file's own projection, its gates
+    (gated prompts), and its head."""
+    if ("prompt_gates" in tensors) != (encoder.prompt_gates is not None):
+        raise CheckpointError(
+            f"{path} {'holds' if 'prompt_gates' in tensors else 'has no'} prompt_gates but its metadata says "
+            f"method.gate={encoder.prompt_gates is not None}; the file is damaged, save it again from its run."
         )
     if "vit.head.weight" not in tensors or "prompt_embeddings" not in tensors:
         raise CheckpointError(
@@ -302,4 +330,5 @@ def _task_from_tensors(name: str, path: Path, tensors: dict[str, torch.Tensor], 
     if head.bias is not None:
         head.bias.data.copy_(tensors["vit.head.bias"])
     param = next(encoder.parameters())
-    return PromptTask(name, prompts.to(param.device, param.dtype), head.to(param.device, param.dtype))
+    gates = tensors["prompt_gates"].to(param.device, param.dtype) if "prompt_gates" in tensors else None
+    return PromptTask(name, prompts.to(param.device, param.dtype), head.to(param.device, param.dtype), gates)

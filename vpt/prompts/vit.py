@@ -215,27 +215,34 @@ class PromptedViT(nn.Module):
         enabled = self.cache_prompt_keys_values and self.deep and self.num_tokens > 0
         return self._kept.active(enabled, self.training, sources, x)
 
-    def _gate(self, index: int) -> Optional[torch.Tensor]:
-        return self.prompt_gates[index] if self.prompt_gates is not None else None
-
     def _run_block(
-        self, index: int, x: torch.Tensor, prompts: Optional[torch.Tensor], reuse: bool = False
+        self,
+        index: int,
+        x: torch.Tensor,
+        prompts: Optional[torch.Tensor],
+        reuse: bool = False,
+        gates: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         block = self.vit.blocks[index]
+        gate = None
+        if self.prompt_gates is not None:
+            gate = self.prompt_gates[index] if gates is None else gates[:, index]
         if prompts is None:
             fn, args = block, (x,)
         elif reuse and self._key_value_blocks[index]:
             kept = self._kept.get(index, lambda: prompt_keys_values(block, prompts))
-            fn, args = key_value_prompt_block, (block, x, None, kept, self._gate(index))
+            fn, args = key_value_prompt_block, (block, x, None, kept, gate)
         elif self._key_value_blocks[index]:
-            fn, args = key_value_prompt_block, (block, x, prompts, None, self._gate(index))
+            fn, args = key_value_prompt_block, (block, x, prompts, None, gate)
         else:
             fn, args = concat_prompt_block, (block, x, prompts, self.num_prefix_tokens)
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward_features(self, x: torch.Tensor, prompt_sets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, prompt_sets: Optional[torch.Tensor] = None, gate_sets: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Tokens after the final norm, prompts removed.
 
         Args:
@@ -245,11 +252,13 @@ class PromptedViT(nn.Module):
                 sets (depth for deep, 1 for shallow) and T its ``num_tokens``. No prompt
                 dropout is applied to them. :class:`~vpt.prompts.PromptBank` uses this to run
                 several tasks' prompts in one batch.
+            gate_sets: With ``prompt_sets`` of a gated model: per-sample gate logits,
+                (B, depth, heads).
 
         Returns:
             (B, num_prefix_tokens + num_patches, D), as timm's ``forward_features``.
         """
-        x, _ = self._forward_blocks(x, prompt_sets, ())
+        x, _ = self._forward_blocks(x, prompt_sets, (), gate_sets)
         return self.vit.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
@@ -284,7 +293,11 @@ class PromptedViT(nn.Module):
         return maps
 
     def _forward_blocks(
-        self, x: torch.Tensor, prompt_sets: Optional[torch.Tensor], keep: Sequence[int]
+        self,
+        x: torch.Tensor,
+        prompt_sets: Optional[torch.Tensor],
+        keep: Sequence[int],
+        gate_sets: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Embed and run every block; returns the prompt-free tokens after the last block
         (no final norm) and, for each block index in ``keep``, its prompt-free output
@@ -293,7 +306,7 @@ class PromptedViT(nn.Module):
         batch = x.shape[0]
         depth = len(self.vit.blocks)
         if prompt_sets is not None:
-            self._check_prompt_sets(prompt_sets, batch)
+            self._check_prompt_sets(prompt_sets, batch, gate_sets)
         keep = set(keep)
         kept: list[torch.Tensor] = []
 
@@ -312,12 +325,19 @@ class PromptedViT(nn.Module):
         reuse = prompt_sets is None and self._keep_keys_values(x)
         for index in range(depth):
             deep_prompts = prompts_of(index) if self.num_tokens > 0 and self.deep else None
-            x = self._run_block(index, x, deep_prompts, reuse)
+            x = self._run_block(index, x, deep_prompts, reuse, gate_sets)
             if index in keep:
                 kept.append(without_prompts(x))
         return without_prompts(x), kept
 
-    def _check_prompt_sets(self, prompt_sets: torch.Tensor, batch: int) -> None:
+    def _check_prompt_sets(self, prompt_sets: torch.Tensor, batch: int, gate_sets: Optional[torch.Tensor]) -> None:
+        if (gate_sets is None) != (self.prompt_gates is None) or (
+            gate_sets is not None and tuple(gate_sets.shape) != (batch, *self.prompt_gates.shape)  # type: ignore[union-attr]
+        ):
+            raise ConfigError(
+                "Gated prompts need their gates and ungated ones none: pass gate_sets of shape (batch, depth, heads) "
+                "exactly when the model was built with gate=True."
+            )
         sets = len(self.vit.blocks) if self.deep else 1
         expected = (batch, sets, self.num_tokens, self.embed_dim)
         if self.num_tokens == 0 or tuple(prompt_sets.shape) != expected:
