@@ -284,18 +284,19 @@ class PromptBank(nn.Module):
         return cls(encoder, tasks)
 
 
-def _num_tokens(metadata: dict[str, Any]) -> Optional[int]:
+def _method_options(metadata: dict[str, Any]) -> dict[str, Any]:
     options = metadata.get("method_options")
     if isinstance(options, str):  # older files may keep it as a JSON string
         options = json.loads(options)
-    return (options or {}).get("num_tokens")
+    return options or {}
+
+
+def _num_tokens(metadata: dict[str, Any]) -> Optional[int]:
+    return _method_options(metadata).get("num_tokens")
 
 
 def _gated(metadata: dict[str, Any]) -> bool:
-    options = metadata.get("method_options")
-    if isinstance(options, str):
-        options = json.loads(options)
-    return bool((options or {}).get("gate", False))
+    return bool(_method_options(metadata).get("gate", False))
 
 
 def _task_from_tensors(name: str, path: Path, tensors: dict[str, torch.Tensor], encoder: PromptedViT) -> PromptTask:
