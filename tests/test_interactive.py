@@ -175,13 +175,22 @@ def test_training_step_reaches_prompts_and_decoder_but_not_the_encoder(tmp_path:
     assert torch.isfinite(loss)
     loss.backward()
     model = parts.model
-    assert model.encoder.prompt_embeddings.grad is not None and model.encoder.prompt_embeddings.grad.abs().sum() > 0
+    # The vpt_deep config gates the prompts (method.gate), closed at step 0: the gates learn first.
+    assert model.encoder.prompt_gates.grad is not None and model.encoder.prompt_gates.grad.abs().sum() > 0
     for name in ["output_tokens", "hypernetworks.0.layers.0.weight", "transformer.layers.0.self_attn.q_proj.weight",
                  "output_upscaling.0.weight"]:
         grad = model.decoder.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     assert all(p.grad is None and not p.requires_grad for p in model.encoder.image_encoder.parameters())
     assert all(p.grad is None and not p.requires_grad for p in model.decoder.sam_prompt_encoder.parameters())
+    # Once the gates are open, the prompts get gradients too.
+    with torch.no_grad():
+        model.encoder.prompt_gates.fill_(0.5)
+    module.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module.training_step(batch, 0).backward()
+    assert model.encoder.prompt_embeddings.grad is not None and model.encoder.prompt_embeddings.grad.abs().sum() > 0
     # A batch without organs has nothing to prompt: the step is skipped, not NaN.
     assert module.training_step({"image": batch["image"], "mask": torch.zeros_like(labels)}, 1) is None
 

@@ -155,6 +155,11 @@ def build_method(name: str, vit: nn.Module, num_classes: int, **options: Any) ->
     return model
 
 
+# Keys a method config may carry for the training recipe rather than for the method itself
+# (read by configs/train.yaml's optimizer section).
+RECIPE_KEYS = ("name", "prompt_lr_scale")
+
+
 def options_of(config: Optional[Any]) -> dict[str, Any]:
-    """A method config node (``{name: ..., **options}``) -> its options."""
-    return {k: v for k, v in dict(config or {}).items() if k != "name"}
+    """A method config node (``{name: ..., **options}``) -> its options (recipe keys left out)."""
+    return {k: v for k, v in dict(config or {}).items() if k not in RECIPE_KEYS}

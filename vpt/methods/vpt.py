@@ -25,7 +25,9 @@ class PromptConfig(MethodConfig):
             None for none.
         gate: Deep prompts join each block's attention through a per-head gate initialised
             at zero, so training starts exactly from the frozen encoder (False: the paper's
-            joint softmax). Deep prompts only.
+            joint softmax). Deep prompts only. False here, so the Python API builds the
+            paper's VPT; ``configs/method/vpt_deep.yaml`` turns it on for training runs, as
+            the transfer benchmark supports (docs/transfer.md).
     """
 
     num_tokens: int = 50
