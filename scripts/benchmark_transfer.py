@@ -95,9 +95,13 @@ def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], va
             Row("vpt_deep, paper form (no gate)", "VPT-deep variant", ["method=vpt_deep", "method.gate=false"]),
             Row("vpt_deep, prompt lr x10", "VPT-deep variant", ["method=vpt_deep", "optimizer.prompt_lr_scale=10"]),
             Row("vpt_deep 10 tokens", "VPT-deep variant", ["method=vpt_deep", "method.num_tokens=10"]),
-            Row("full, encoder lr x0.001", "full variant", ["method=full", "optimizer.prompt_lr_scale=0.001"]),
-            Row("full, encoder lr x1 (one rate)", "full variant", ["method=full", "optimizer.prompt_lr_scale=1"]),
         ]
+        if dataset.kind == "classification":
+            # Full fine-tuning's encoder rate (the config's default is x0.01).
+            rows += [
+                Row("full, encoder lr x0.001", "full variant", ["method=full", "optimizer.prompt_lr_scale=0.001"]),
+                Row("full, encoder lr x1 (one rate)", "full variant", ["method=full", "optimizer.prompt_lr_scale=1"]),
+            ]
         if dataset.kind == "segmentation":
             tiles = ["task.data.spacing=1.0"]  # native 1 mm pixels in 112-px tiles: a patch covers 14 mm instead of ~25 x 29 mm
             rows += [
