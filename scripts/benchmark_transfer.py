@@ -88,8 +88,19 @@ class Row:
     compute: Optional[Callable[[DataSet, Path, int], dict[str, Any]]] = None
 
 
-def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], variants: bool) -> list[Row]:
+def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], variants: bool, full_variants: bool = False) -> list[Row]:
     rows = [Row(method, "method", [f"method={method}"]) for method in methods]
+    rows += [Row(f"{method}, random-init encoder", "control", [f"method={method}"], pretrained=False) for method in random_methods]
+    if dataset.kind == "segmentation":
+        rows += [
+            Row("decoder alone (zero features)", "control", ["method=linear", "task.encoder_features=zeros"]),
+            Row("per-class intensity rule", "trivial", compute=intensity_rule),
+        ]
+    else:
+        rows += [
+            Row("head alone (zero features) = majority class", "control", compute=majority_class),
+            Row("logistic regression on raw pixels", "trivial", compute=raw_pixel_logistic),
+        ]
     if variants:
         rows += [Row("vpt_deep, paper form (no gate)", "VPT-deep variant", ["method=vpt_deep", "method.gate=false"])]
         if dataset.kind == "classification":
@@ -97,6 +108,7 @@ def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], va
                 Row("vpt_deep, prompt lr x10", "VPT-deep variant", ["method=vpt_deep", "optimizer.prompt_lr_scale=10"]),
                 Row("vpt_deep 10 tokens", "VPT-deep variant", ["method=vpt_deep", "method.num_tokens=10"]),
             ]
+        if dataset.kind == "classification" and full_variants:
             # Full fine-tuning's encoder rate (the config's default is x0.01).
             rows += [
                 Row("full, encoder lr x0.001", "full variant", ["method=full", "optimizer.prompt_lr_scale=0.001"]),
@@ -109,17 +121,6 @@ def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], va
                 Row("vpt_deep, no image stem, random-init", "decoder variant", ["method=vpt_deep", "task.image_stem=false"], pretrained=False),
                 Row("decoder alone, no image stem", "decoder variant", ["method=linear", "task.encoder_features=zeros", "task.image_stem=false"]),
             ]
-    rows += [Row(f"{method}, random-init encoder", "control", [f"method={method}"], pretrained=False) for method in random_methods]
-    if dataset.kind == "segmentation":
-        rows += [
-            Row("decoder alone (zero features)", "control", ["method=linear", "task.encoder_features=zeros"]),
-            Row("per-class intensity rule", "trivial", compute=intensity_rule),
-        ]
-    else:
-        rows += [
-            Row("head alone (zero features) = majority class", "control", compute=majority_class),
-            Row("logistic regression on raw pixels", "trivial", compute=raw_pixel_logistic),
-        ]
     return rows
 
 
@@ -291,6 +292,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--random-init-methods", nargs="*", default=["linear", "vpt_deep", "lora"], help="methods also run on a random-init encoder (the control)")
     parser.add_argument("--no-variants", action="store_true", help="skip the VPT-deep and decoder variants")
+    parser.add_argument("--full-variants", action="store_true", help="also full fine-tuning at encoder rates x0.001 and x1 (classification)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--seg-epochs", type=int, default=12)
     parser.add_argument("--cls-epochs", type=int, default=20)
@@ -318,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not root.is_dir():
             sys.exit(f"{root} does not exist; write it with `python scripts/prepare_transfer_data.py --out {args.data}`.")
         results = []
-        for row in rows_for(dataset, args.methods, args.random_init_methods, not args.no_variants):
+        for row in rows_for(dataset, args.methods, args.random_init_methods, not args.no_variants, args.full_variants):
             runs = []
             for seed in args.seeds:
                 if row.compute is not None:
