@@ -63,9 +63,9 @@ def test_pretrained_dinov2_prompts_transfer_with_a_frozen_backbone(tmp_path: Pat
     pretrained = train(compose_config([*common, f"model.checkpoint={weights}"]), run_dir=tmp_path / "pretrained")
     random_init = train(compose_config([*common, "model.pretrained=false"]), run_dir=tmp_path / "random")
 
-    # Only prompts and head trained: the exported file has nothing of the backbone.
+    # Only prompts (with their gates, method.gate) and head trained: nothing of the backbone.
     trained = load_file(str(tmp_path / "pretrained" / "prompts.safetensors"))
-    assert set(trained) == {"prompt_embeddings", "vit.head.weight", "vit.head.bias"}
+    assert set(trained) == {"prompt_embeddings", "prompt_gates", "vit.head.weight", "vit.head.bias"}
     assert pretrained["trainable_params"] < 0.01 * pretrained["total_params"]
     # 4 classes: chance is 0.25. Measured: 0.95 pretrained, 0.25 random init.
     assert pretrained["test/acc"] >= 0.7
