@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vpt.errors import CheckpointError, VptError
+from vpt.training.checkpoints import state_fit_problems
 from vpt.tasks.optim import OptimizerConfig, SchedulerConfig, WarmupCosine, build_optimizer, scaled_lr
 
 __all__ = ["TrainableCheckpointMixin", "OptimizationMixin", "check_finite_loss", "init_task"]
@@ -46,18 +47,9 @@ class TrainableCheckpointMixin:
                 "resume with the same model config."
             )
         state = checkpoint.get("state_dict", {})
-        keys = set(state)
-        missing = sorted(self._trainable_keys() - keys)
-        extra = sorted(keys - self._trainable_keys())
         own = dict(self.named_parameters())  # type: ignore[attr-defined]
-        mis_shaped = [
-            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in state.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if missing or extra or mis_shaped:
-            problems = [f"lacks {missing[:5]}"] if missing else []
-            problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
-            problems += [f"holds tensors of other shapes {mis_shaped[:3]}"] if mis_shaped else []
+        problems = state_fit_problems(state, {key: own[key] for key in self._trainable_keys()})
+        if problems:
             raise CheckpointError(
                 f"The checkpoint {' and '.join(problems)}; resume with the method and task it was trained with."
             )

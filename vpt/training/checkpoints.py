@@ -42,6 +42,7 @@ from vpt.errors import CheckpointError
 
 __all__ = [
     "load_checkpoint_file",
+    "state_fit_problems",
     "SafeCheckpointIO",
     "LastCheckpoint",
     "RandomState",
@@ -343,6 +344,23 @@ def check_resume_fits(checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], pat
         )
 
 
+def state_fit_problems(state: Mapping[str, Any], trainable: Mapping[str, torch.Tensor]) -> list[str]:
+    """How a checkpoint's tensors miss the ones a model trains, as clauses for one sentence
+    ("lacks [...]", "holds tensors this model does not train [...]", "holds tensors of other
+    shapes [...]"); empty when they fit exactly."""
+    missing = sorted(set(trainable) - set(state))
+    extra = sorted(set(state) - set(trainable))
+    mis_shaped = [
+        f"{name} {tuple(tensor.shape)} vs model {tuple(trainable[name].shape)}"
+        for name, tensor in state.items()
+        if name in trainable and tuple(getattr(tensor, "shape", ())) != tuple(trainable[name].shape)
+    ]
+    problems = [f"lacks {missing[:5]}"] if missing else []
+    problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
+    problems += [f"holds tensors of other shapes {mis_shaped[:3]}"] if mis_shaped else []
+    return problems
+
+
 def load_checkpoint_weights(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """Put the trained tensors of a vpt Lightning checkpoint into a task module, for scoring.
 
@@ -370,17 +388,8 @@ def load_checkpoint_weights(module: nn.Module, checkpoint: Mapping[str, Any], pa
     network: nn.Module = getattr(module, "model", module)
     prefix = "model." if network is not module else ""
     trainable = {f"{prefix}{name}": param for name, param in network.named_parameters() if param.requires_grad}
-    missing = sorted(set(trainable) - set(state))
-    extra = sorted(set(state) - set(trainable))
-    mis_shaped = [
-        f"{name} {tuple(tensor.shape)} vs model {tuple(trainable[name].shape)}"
-        for name, tensor in state.items()
-        if name in trainable and tuple(getattr(tensor, "shape", ())) != tuple(trainable[name].shape)
-    ]
-    if missing or extra or mis_shaped:
-        problems = [f"lacks {missing[:5]}"] if missing else []
-        problems += [f"holds tensors this model does not train {extra[:5]}"] if extra else []
-        problems += [f"holds tensors of other shapes {mis_shaped[:3]}"] if mis_shaped else []
+    problems = state_fit_problems(state, trainable)
+    if problems:
         raise CheckpointError(
             f"Checkpoint {path} does not fit the model of this run config (it {' and '.join(problems)}); evaluate it "
             "with the run it was trained in (run_dir=<its run folder>), whose method and classes built it."
