@@ -13,12 +13,15 @@ import math
 import os
 import textwrap
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from vpt.atomic import atomic_path, atomic_write_text
 from vpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vpt.data.medical.orientation import DisplayOrientation
 
 __all__ = [
     "check_folder_writable",
@@ -28,11 +31,13 @@ __all__ = [
     "save_classification_preview",
     "choose_one_per_class",
     "save_segmentation_overlays",
+    "overlay_rows",
     "save_organ_dice_chart",
     "choose_covering_slices",
     "slice_dice",
     "slice_title",
     "overlay_row",
+    "model_input_slice",
     "first_test_volume",
     "save_with_organ_legend",
     "save_figure",
@@ -278,9 +283,16 @@ _ORGAN_COLOURS = np.array(
 ) / 255.0
 
 
-def _overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """A grey slice (H, W) in [0, 1] with label colours blended in -> (H, W, 3)."""
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
+# test_overlays.png: a few telling slices of a few test cases, small enough to open anywhere
+# (the largest side in pixels; panels shrink to fit).
+OVERLAY_ROWS_PER_CASE = 3
+OVERLAY_CASES = 3
+MAX_PICTURE_PIXELS = 2000
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """A slice in [0, 1], grey (H, W) or colour (H, W, 3), with label colours blended in -> (H, W, 3)."""
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
     colours = _ORGAN_COLOURS[labels % len(_ORGAN_COLOURS)]
     mask = (labels > 0)[..., None]
     return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
@@ -323,11 +335,12 @@ def _organs_per_slice(truth: np.ndarray, prediction: np.ndarray) -> list[set[int
 def choose_covering_slices(truth: np.ndarray, prediction: np.ndarray, count: int) -> list[int]:
     """Slices of one case on which every organ of the ground truth or the prediction shows.
 
-    A greedy cover: again and again the slice holding the most organs not yet shown (ties:
-    more of them missed or false positive there, then the larger area labelled in either),
-    until every organ shows or ``count`` slices are chosen; so a missed organ (truth only)
-    and a false positive (prediction only) each get a slice. The most labelled remaining
-    slices fill up to ``count``.
+    A greedy cover: again and again the slice holding the most organs missed in the whole
+    case (in the ground truth, never predicted) not yet shown, then the most other organs not
+    yet shown (ties: more of them missed or false positive there, then the larger area
+    labelled in either), until every organ shows or ``count`` slices are chosen; so with few
+    slices the missed organs come first, and a false positive (prediction only) also gets a
+    slice when there is room. The most labelled remaining slices fill up to ``count``.
 
     Args:
         truth: Ground-truth labels, (D, H, W).
@@ -346,12 +359,15 @@ def choose_covering_slices(truth: np.ndarray, prediction: np.ndarray, count: int
         set(np.unique(truth[z]).tolist()) ^ set(np.unique(prediction[z]).tolist()) for z in range(depth)
     ]
     area = ((truth > 0) | (prediction > 0)).reshape(depth, -1).sum(1)
+    missed = set(np.unique(truth).tolist()) - set(np.unique(prediction).tolist())
     unshown = set().union(*organs)
     chosen: list[int] = []
     while unshown and len(chosen) < count:
         best = max(
             (z for z in range(depth) if z not in chosen),
-            key=lambda z: (len(organs[z] & unshown), len(disputed[z] & unshown), area[z], -z),
+            key=lambda z: (
+                len(organs[z] & unshown & missed), len(organs[z] & unshown), len(disputed[z] & unshown), area[z], -z
+            ),
         )
         chosen.append(best)
         unshown -= organs[best]
@@ -391,55 +407,184 @@ def slice_title(case: str, index: int, truth: np.ndarray, prediction: np.ndarray
     return f"{case} z={index} | " + (", ".join(parts) if parts else "no organ")
 
 
-def overlay_row(
-    image: np.ndarray,
-    truth: np.ndarray,
-    prediction: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
-    valid_size: tuple[int, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three pictures of one overlay row at the label's native resolution.
+def model_input_slice(
+    image: np.ndarray, mean: Sequence[float], std: Sequence[float], valid_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The slice of a network input, for pictures when the data's own pixels are not at hand.
 
     Args:
         image: The normalised model input slice, (3, H, W); the middle channel is the slice
             itself (with 2.5D context the others are its neighbours).
-        truth: Ground-truth labels, (H0, W0).
-        prediction: Predicted labels, (H0, W0).
+        mean: Normalisation mean of each channel, [0, 1] units.
+        std: Normalisation standard deviation of each channel.
         valid_size: The part of ``image`` that is the slice (tiled inputs are padded).
 
     Returns:
-        Image, ground-truth overlay and prediction overlay, each (H0, W0, 3) in [0, 1]; the
-        image is resized (bilinear) to the label grid, the labels are drawn untouched.
+        (H, W) float32 in [0, 1] (cut to ``valid_size``) at the network's resolution.
     """
-    import torch
-
     middle = image.shape[0] // 2
     gray = np.clip(image[middle] * float(std[middle]) + float(mean[middle]), 0.0, 1.0).astype(np.float32)
     if valid_size is not None:
-        gray = np.ascontiguousarray(gray[: int(valid_size[0]), : int(valid_size[1])])
+        gray = gray[: int(valid_size[0]), : int(valid_size[1])]
+    return np.ascontiguousarray(gray)
+
+
+def overlay_row(
+    image: np.ndarray,
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    orientation: DisplayOrientation | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three pictures of one overlay row on the label's grid, in display orientation.
+
+    Args:
+        image: The slice in [0, 1], grey (H, W) or colour (H, W, 3); the data's own pixels
+            (:meth:`VolumeDataset.display_slices <vpt.data.medical.VolumeDataset.display_slices>`)
+            are on the label's grid already, anything else (a network input) is resized to it
+            bilinearly.
+        truth: Ground-truth labels, (H0, W0).
+        prediction: Predicted labels, (H0, W0).
+        orientation: The turn to the usual display (:mod:`vpt.data.medical.orientation`),
+            applied to all three; ``None`` draws them as stored.
+
+    Returns:
+        Image, ground-truth overlay and prediction overlay, each (H0, W0, 3) in [0, 1]
+        ((W0, H0, 3) when the orientation transposes); the labels are drawn untouched.
+    """
     size = tuple(truth.shape[-2:])
-    if gray.shape != size:
-        gray = torch.nn.functional.interpolate(
-            torch.from_numpy(gray)[None, None], size=size, mode="bilinear", align_corners=False
-        )[0, 0].numpy()
-    return np.repeat(gray[..., None], 3, axis=-1), _overlay(gray, truth), _overlay(gray, prediction)
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape[:2] != size:
+        import torch
+
+        planes = torch.from_numpy(np.ascontiguousarray(image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)))
+        resized = torch.nn.functional.interpolate(planes[None], size=size, mode="bilinear", align_corners=False)[0]
+        image = resized.permute(1, 2, 0).numpy().reshape(*size, *image.shape[2:])
+    image = np.clip(image, 0.0, 1.0)
+    rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
+    pictures = (rgb, _overlay(image, truth), _overlay(image, prediction))
+    if orientation is None:
+        return pictures
+    return tuple(orientation.apply(picture) for picture in pictures)  # type: ignore[return-value]
 
 
-def save_segmentation_overlays(
-    module: Any, datamodule: Any, count: int, out_png: Path, class_names: Sequence[str], max_cases: int = 3
-) -> Optional[Path]:
-    """Image, ground truth and prediction of test slices, one row per slice, with a colour legend.
+OverlayRow = tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
-    Up to ``count`` rows from the first ``max_cases`` test cases (rows shared evenly). Each
-    case's slices are chosen by :func:`choose_covering_slices`, so every organ of its ground
-    truth or prediction, missed and false-positive ones included, shows at least once. Rows
-    are drawn at the label's native resolution and titled by :func:`slice_title`.
+
+def _case_rows(
+    module: Any, loader: Any, batch: Mapping[str, Any], case_number: int, count: int, class_names: Sequence[str],
+    mean: np.ndarray, std: np.ndarray,
+) -> list[OverlayRow]:
+    """Up to ``count`` titled overlay rows of one test case (see :func:`overlay_rows`)."""
+    slices, label = batch["image"], batch["label"]
+    if slices.ndim == 5:  # a batch of one case
+        slices, label = slices[0], label[0]
+    case = batch.get("case", [f"case {case_number}"])
+    case = str(case[0] if isinstance(case, (list, tuple)) else case)
+    truth = label.cpu().numpy()
+    valid = batch.get("valid_size")
+    valid_size = tuple(int(v) for v in valid.reshape(-1)[-2:].tolist()) if valid is not None else None
+    prediction = module.predict_volume(slices, tuple(truth.shape[-2:]), valid_size).cpu().numpy()
+    chosen = choose_covering_slices(truth, prediction, count)
+    display = getattr(getattr(loader, "dataset", None), "display_slices", None)
+    if display is not None:
+        # The data's own pixels on the label's grid, turned as radiologists read them.
+        planes, orientation = display(case_number, chosen)
+    else:
+        planes = [model_input_slice(slices[z].float().cpu().numpy(), mean, std, valid_size) for z in chosen]
+        orientation = None
+    return [
+        (slice_title(case, z, truth[z], prediction[z], class_names),
+         overlay_row(plane, truth[z], prediction[z], orientation))
+        for z, plane in zip(chosen, planes)
+    ]
+
+
+def _overlay_layout(
+    titles: Sequence[str], height: int, width: int, max_pixels: int, dpi: int = 100
+) -> tuple[float, float, list[str], list[float], float]:
+    """Panel size and wrapped titles of the overlay figure, its largest side at most ``max_pixels``.
+
+    Panels start at the slice's own pixels (2.4 to 5.12 inches wide at ``dpi``) and shrink
+    until the figure fits; titles wrap to the panels' width.
+
+    Returns:
+        ``(panel_width, panel_height, titles, title_heights, figure_height)`` in inches.
+    """
+    panel_width = float(np.clip(width / dpi, 2.4, 5.12))
+    while True:
+        panel_height = panel_width * height / width
+        characters = max(int(3 * panel_width * 13), 20)  # a title line at fontsize 8 holds ~13 characters an inch
+        wrapped = [textwrap.fill(title, characters) for title in titles]
+        title_heights = [0.18 * (title.count("\n") + 1) + 0.08 for title in wrapped]
+        figure_height = sum(title_heights) + len(titles) * (panel_height + 0.25) + 0.6
+        largest = max(3 * panel_width + 0.3, figure_height) * dpi
+        if largest <= max_pixels or panel_width <= 0.3:
+            return panel_width, panel_height, wrapped, title_heights, figure_height
+        panel_width *= max(0.5, min(0.95, max_pixels / largest))
+
+
+def overlay_rows(
+    module: Any,
+    datamodule: Any,
+    count: int,
+    class_names: Sequence[str],
+    max_cases: int = OVERLAY_CASES,
+    rows_per_case: int = OVERLAY_ROWS_PER_CASE,
+) -> list[OverlayRow]:
+    """The titled rows of ``test_overlays.png``: image, ground truth and prediction of test slices.
+
+    Up to ``count`` rows from the first ``max_cases`` test cases (shared evenly), at most
+    ``rows_per_case`` of each. Each case's slices are chosen by :func:`choose_covering_slices`:
+    the organs it missed first, then every other organ of its ground truth or prediction,
+    then the most labelled slices. The image is the data's own slice on the label's grid
+    (not the network input) and all three panels are turned to the usual radiological
+    display (:mod:`vpt.data.medical.orientation`) when the test dataset can give them
+    (``display_slices``); rows are titled by :func:`slice_title`.
 
     Args:
         module: Has ``predict_volume(slices (D, 3, H, W), out_size, valid_size) -> (D, H0, W0)``.
         datamodule: Its ``test_dataloader()`` yields one volume per batch with ``image``
-            (1, D, 3, H, W), ``label`` (1, D, H0, W0) and ``case`` ([id]); has ``mean`` and ``std``.
+            (1, D, 3, H, W), ``label`` (1, D, H0, W0) and ``case`` ([id]); has ``mean`` and
+            ``std``. The loader's dataset may have ``display_slices(index, positions) ->
+            (planes, orientation)``; without it the network input is drawn, as stored.
+        count: Rows wanted.
+        class_names: For the titles.
+
+    Returns:
+        ``(title, (image, truth overlay, prediction overlay))`` per row, pictures
+        ``(H0, W0, 3)`` in [0, 1] in display orientation.
+    """
+    loader = datamodule.test_dataloader()
+    try:
+        available = len(loader)
+    except TypeError:  # an iterable loader of unknown length
+        available = max_cases
+    count = min(count, max_cases * rows_per_case)
+    cases = max(1, min(max_cases, count, available))
+    mean, std = np.asarray(datamodule.mean), np.asarray(datamodule.std)
+    rows: list[OverlayRow] = []
+    for case_number, batch in enumerate(loader):
+        if case_number >= cases or len(rows) >= count:
+            break
+        # Rows left over by a case with few slices go to the next one.
+        share = min(rows_per_case, math.ceil((count - len(rows)) / (cases - case_number)))
+        rows += _case_rows(module, loader, batch, case_number, share, class_names, mean, std)
+    return rows
+
+
+def save_segmentation_overlays(
+    module: Any,
+    datamodule: Any,
+    count: int,
+    out_png: Path,
+    class_names: Sequence[str],
+    max_cases: int = OVERLAY_CASES,
+    rows_per_case: int = OVERLAY_ROWS_PER_CASE,
+    max_pixels: int = MAX_PICTURE_PIXELS,
+) -> Optional[Path]:
+    """Draw :func:`overlay_rows` one row per slice, with a colour legend, into ``out_png``.
+
+    Panels shrink so that neither side of the picture exceeds ``max_pixels``.
 
     Returns:
         ``out_png``, or None when there is no test case.
@@ -449,41 +594,14 @@ def save_segmentation_overlays(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loader = datamodule.test_dataloader()
-    try:
-        available = len(loader)
-    except TypeError:  # an iterable loader of unknown length
-        available = max_cases
-    cases = max(1, min(max_cases, count, available))
-    mean, std = np.asarray(datamodule.mean), np.asarray(datamodule.std)
-    rows: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
-    for case_number, batch in enumerate(loader):
-        if case_number >= cases or len(rows) >= count:
-            break
-        slices, label = batch["image"], batch["label"]
-        if slices.ndim == 5:  # a batch of one case
-            slices, label = slices[0], label[0]
-        case = batch.get("case", [f"case {case_number}"])
-        case = str(case[0] if isinstance(case, (list, tuple)) else case)
-        truth = label.cpu().numpy()
-        valid = batch.get("valid_size")
-        valid_size = tuple(int(v) for v in valid.reshape(-1)[-2:].tolist()) if valid is not None else None
-        prediction = module.predict_volume(slices, tuple(truth.shape[-2:]), valid_size).cpu().numpy()
-        # Rows left over by a case with few slices go to the next one.
-        share = math.ceil((count - len(rows)) / (cases - case_number))
-        for z in choose_covering_slices(truth, prediction, share):
-            pictures = overlay_row(slices[z].float().cpu().numpy(), truth[z], prediction[z], mean, std, valid_size)
-            rows.append((slice_title(case, z, truth[z], prediction[z], class_names), pictures))
+    rows = overlay_rows(module, datamodule, count, class_names, max_cases, rows_per_case)
     if not rows:
         return None
-
     height, width = rows[0][1][0].shape[:2]
-    panel_width = float(np.clip(width / 100, 2.4, 5.12))  # native pixels up to 512 at dpi 100
-    panel_height = panel_width * height / width
-    characters = int(3 * panel_width * 13)  # a title line at fontsize 8 holds ~13 characters an inch
-    titles = [textwrap.fill(title, characters) for title, _ in rows]
-    title_heights = [0.18 * (title.count("\n") + 1) + 0.08 for title in titles]
-    fig = plt.figure(figsize=(3 * panel_width + 0.3, sum(title_heights) + len(rows) * (panel_height + 0.25) + 0.6))
+    panel_width, panel_height, titles, title_heights, figure_height = _overlay_layout(
+        [title for title, _ in rows], height, width, max_pixels
+    )
+    fig = plt.figure(figsize=(3 * panel_width + 0.3, figure_height))
     grid = fig.add_gridspec(2 * len(rows), 3, height_ratios=[r for h in title_heights for r in (h, panel_height)])
     for row, (title, (_, pictures)) in enumerate(zip(titles, rows)):
         head = fig.add_subplot(grid[2 * row, :])
@@ -491,7 +609,8 @@ def save_segmentation_overlays(
         head.text(0.5, 0.5, title, ha="center", va="center", fontsize=8, transform=head.transAxes)
         for col, (name, picture) in enumerate(zip(("image", "ground truth", "prediction"), pictures)):
             axis = fig.add_subplot(grid[2 * row + 1, col])
-            axis.imshow(picture, interpolation="nearest")
+            # Smoothed when a panel is drawn smaller than the slice, pixel blocks when larger.
+            axis.imshow(picture, interpolation="antialiased")
             axis.set_title(name, fontsize=7)
             axis.axis("off")
     return save_with_organ_legend(fig, class_names, out_png)
@@ -544,8 +663,8 @@ def _save_prompt_pictures(
     out_png: Path,
     class_names: Sequence[str],
 ) -> Optional[Path]:
-    """Image with the prompts drawn, ground truth and prediction for the ``count`` slices of the
-    first test volume with the most organs, one row per slice.
+    """Image with the prompts drawn, ground truth and prediction for the ``count`` slices (at
+    most ``OVERLAY_ROWS_PER_CASE``) of the first test volume with the most organs, one row per slice.
 
     Args:
         module: An interactive segmentation task (:mod:`vpt.tasks.interactive`): has ``prompt``
@@ -564,7 +683,8 @@ def _save_prompt_pictures(
         return None
     slices, label = volume
     organs_per_slice = torch.stack([(label == c).flatten(1).any(1) for c in range(1, len(class_names))]).sum(0)
-    chosen = torch.argsort(organs_per_slice, descending=True, stable=True)[: min(count, len(label))].sort().values
+    rows = min(count, OVERLAY_ROWS_PER_CASE, len(label))  # one case: a few slices, not a strip
+    chosen = torch.argsort(organs_per_slice, descending=True, stable=True)[:rows].sort().values
     prompts, masks = module.predict_with_ground_truth_prompts(slices[chosen], label[chosen])
     size = tuple(label.shape[-2:])
     scale = torch.tensor([slices.shape[-1] / size[1], slices.shape[-2] / size[0]])

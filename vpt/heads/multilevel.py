@@ -38,8 +38,16 @@ def evenly_spaced_blocks(depth: int, levels: int) -> list[int]:
 
 
 def _conv_unit(channels_in: int, channels_out: int, stride: int = 1) -> nn.Sequential:
+    # Replicate, not zero, padding: the inputs are normalised images (MR/CT background, 0 in
+    # [0, 1] units, is about -2 after the ImageNet mean/std) and feature maps, so a zero border
+    # is a bright frame the convolutions answer to. Zero padding gave an untrained model on an
+    # MR-like slice logits up to about 1 off the background's in the outer 4 columns (a lesion
+    # stripe along the edge of every slice); replicated edges keep the prediction equivariant to
+    # shifts there (tests/test_edge_artefact.py).
     return nn.Sequential(
-        nn.Conv2d(channels_in, channels_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(
+            channels_in, channels_out, kernel_size=3, stride=stride, padding=1, padding_mode="replicate", bias=False
+        ),
         nn.GroupNorm(min(8, channels_out), channels_out),
         nn.GELU(),
     )

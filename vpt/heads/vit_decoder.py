@@ -12,7 +12,9 @@ class _UpBlock(nn.Sequential):
     def __init__(self, channels_in: int, channels_out: int) -> None:
         super().__init__(
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1, bias=False),
+            # Replicated edges, as in the multi-level decoder: a zero border makes the outer
+            # cells of every slice answer differently from the same content inside.
+            nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1, padding_mode="replicate", bias=False),
             nn.GroupNorm(min(8, channels_out), channels_out),
             nn.GELU(),
         )

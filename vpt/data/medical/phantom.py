@@ -46,6 +46,7 @@ from scipy import ndimage
 from vpt.data.medical.io import write_volume
 from vpt.data.medical.layouts import SYNAPSE_CLASS_NAMES
 from vpt.errors import ConfigError, DataError
+from vpt.messages import log_setup
 
 __all__ = [
     "PHANTOM_CLASS_NAMES",
@@ -64,7 +65,8 @@ DEFAULT_PHANTOM_SPACING = (2.5, 0.8, 0.8)
 # Written last by write_phantom_dataset: its presence with matching parameters means "complete".
 PHANTOM_MARKER = "vpt_phantoms.json"
 # Bump when the generator changes, so folders of older phantoms are regenerated.
-_GENERATOR_VERSION = 1
+# 2: the NIfTI header claims the orientation the anatomy is drawn in (pictures are turned by it).
+_GENERATOR_VERSION = 2
 _MIN_SIDE = 8
 
 _LABEL = {name: index for index, name in enumerate(SYNAPSE_CLASS_NAMES)}
@@ -339,7 +341,7 @@ def write_phantom_dataset(
         except (OSError, ValueError):
             previous = None
         if previous == params and all(path.is_file() for path in (*images, *labels)):
-            _logger.info("Phantom data set in %s is complete; not regenerating.", root)
+            log_setup(_logger, logging.INFO, "Phantom data set in %s is complete; not regenerating.", root)
             return root
         _remove_phantoms(root)
     elif (root / "imagesTr").is_dir() or (root / "dataset.json").is_file():
