@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from vpt.cli.check_data import main
-from vpt.data.medical.integrity import LEVELS, PROBLEM_LEVELS, Problem, check_dataset
+from vpt.data.medical.integrity import LEVELS, PROBLEM_LEVELS, Problem, check_dataset, examine_dataset
 from vpt.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +155,24 @@ def test_clean_folder_reports_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
     assert check_dataset(tmp_path, layout="nnunet") == []
     main([str(tmp_path)])  # returns: exit status 0
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1] == "0 errors, 0 warnings in 0 cases"
+    assert out.strip().splitlines()[-1] == "2 cases checked: 0 errors, 0 warnings"
     assert "ERROR" not in out and "WARNING" not in out
+
+
+def test_the_summary_says_how_many_cases_were_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The count is every case present (clean or not, training and test), not the cases with problems."""
+    write_dataset_json(tmp_path, num_training=5)
+    for case in ("c1", "c2", "c3", "c4", "c5"):
+        write_case(tmp_path, case)
+    write_itk(tmp_path / "imagesTs" / "t1_0000.nii.gz", np.zeros(SHAPE, dtype=np.float32))
+    write_itk(tmp_path / "imagesTs" / "c1_0000.nii.gz", np.zeros(SHAPE, dtype=np.float32))  # a test case named like a training one
+    report = examine_dataset(tmp_path)
+    assert report.cases == 7 and report.layout == "nnunet"
+    assert report.problems == check_dataset(tmp_path)
+    main([str(tmp_path)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "7 cases checked: 0 errors, 0 warnings"
+    # Header-only checks look at the same cases.
+    assert examine_dataset(tmp_path, read_values=False).cases == 7
 
 
 def test_warnings_alone_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,7 +181,7 @@ def test_warnings_alone_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[
     write_case(tmp_path, "empty", label=np.zeros(SHAPE, dtype=np.uint8))
     main([f"root={tmp_path}", "layout=auto"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == "0 errors, 2 warnings in 1 case"
+    assert lines[-1] == "3 cases checked: 0 errors, 2 warnings in 1 case"
     assert sum(line.startswith("WARNING") for line in lines) == 2
 
 
@@ -289,6 +305,7 @@ def test_synapse_and_folder2d(tmp_path: Path) -> None:
     }
     np.savez(synapse / "train_npz" / "case0006_slice001.npz", image=np.zeros((9, 8)), label=np.zeros((9, 8)))
     assert ("case0006", "size_mismatch", "error") in reported(check_dataset(synapse))
+    assert examine_dataset(synapse).cases == 3  # case0005, case0006 and the test volume case0001; stray.npz is no case
 
     folder = tmp_path / "folder2d"
     for sub in ("images", "masks"):
@@ -309,6 +326,7 @@ def test_synapse_and_folder2d(tmp_path: Path) -> None:
         ("d", "missing_label", "error"),
         ("e", "extra_label", "error"),
     }
+    assert examine_dataset(folder).cases == 5
 
 
 def test_levels_are_documented() -> None:
@@ -370,7 +388,10 @@ def test_cli_reports_everything_and_exits_1(tmp_path: Path) -> None:
     assert cases == sorted(cases, key=lambda case: (case != "-", case))
     errors = sum(level == "error" for _, _, level in PLANTED)
     cases_with_problems = len({case for case, _, _ in PLANTED if case is not None})
-    assert lines[-1] == f"{errors} errors, {len(PLANTED) - errors} warnings in {cases_with_problems} cases"
+    cases_present = len({case for case, _, _ in PLANTED if case is not None} | {"good_a", "good_b"})
+    assert lines[-1] == (
+        f"{cases_present} cases checked: {errors} errors, {len(PLANTED) - errors} warnings in {cases_with_problems} cases"
+    )
     assert "Traceback" not in result.stderr
 
 

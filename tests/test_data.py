@@ -28,6 +28,7 @@ from vpt.data import (
     stratified_split,
     warn_once,
 )
+from vpt import messages
 from vpt.data import loading
 from vpt.errors import ConfigError, DataError
 
@@ -342,7 +343,7 @@ def test_array_dataset_rejects_wrong_layout() -> None:
 @pytest.fixture
 def fresh_warn_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Forget which warnings were given, so each test sees its own once-per-process warnings."""
-    monkeypatch.setattr(loading, "_warned", set())
+    monkeypatch.setattr(messages, "_said", set())
 
 
 def _batch_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -29,6 +29,7 @@ from vpt.data.medical import (
     write_phantom_dataset,
     write_volume,
 )
+from vpt import messages
 from vpt.data import loading
 from vpt.data.medical import phantom as phantom_module
 from vpt.errors import ConfigError, DataError
@@ -448,7 +449,7 @@ def test_config_errors(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def fresh_warn_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Forget which warnings were given, so each test sees its own once-per-process warnings."""
-    monkeypatch.setattr(loading, "_warned", set())
+    monkeypatch.setattr(messages, "_said", set())
 
 
 def organ_label(depth: int = 4) -> np.ndarray:

@@ -305,6 +305,29 @@ def test_cli_predicts_and_reports_a_missing_input_in_one_line(runs, phantom, tmp
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_truncated_nifti_is_one_line_and_no_mask_is_written(runs, phantom, tmp_path, suffix) -> None:
+    """ITK reads a truncated NIfTI file as if the missing slices were zeros; predict must refuse
+    it (naming the file) before writing a mask for it or for any other scan of the folder."""
+    folder = tmp_path / "in"
+    _itk_volume(phantom, folder / f"intact{suffix}")
+    _itk_volume(phantom, tmp_path / f"whole{suffix}")
+    data = (tmp_path / f"whole{suffix}").read_bytes()
+    (folder / f"truncated{suffix}").write_bytes(data[: len(data) * 2 // 3])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"truncated{suffix}"))).shape == phantom.shape  # ITK says nothing
+
+    result = run_cli([f"run_dir={runs['seg']}", f"input={folder}", f"output={tmp_path / 'out'}", "device=cpu"],
+                     cwd=tmp_path, script="scripts/predict.py")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vpt: error:")]
+    assert len(errors) == 1 and f"truncated{suffix}" in errors[0] and "truncated" in errors[0] and "intact copy" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # The library call gives the same error.
+    with pytest.raises(DataError, match="truncated"):
+        predict(folder / f"truncated{suffix}", tmp_path / "out3", run_dir=runs["seg"], device="cpu")
+
+
 def test_several_prompt_files_predict_in_one_pass_as_each_alone(runs, tmp_path) -> None:
     """A prompt bank through vpt-predict: every task's CSV equals predicting with that run alone."""
     from vpt.cli.predict import main

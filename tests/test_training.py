@@ -62,6 +62,12 @@ def test_every_experiment_composes(experiment: str) -> None:
 def test_every_group_option_composes(group: str) -> None:
     for option in _options(group):
         cfg = compose_config([f"{group}={option}"])
+        required = [key for key in ("task.data.root",) if f"vpt_required:{key}" in OmegaConf.to_yaml(cfg)]
+        if required:
+            # A key the user must give resolves only once given, and says so by name otherwise.
+            with pytest.raises(Exception, match=f"{required[0]} must be given"):
+                OmegaConf.resolve(cfg)
+            cfg = compose_config([f"{group}={option}", *(f"{key}=/data/Dataset001_X" for key in required)])
         OmegaConf.resolve(cfg)
         assert cfg[group]
 

@@ -35,6 +35,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from vpt.backbones.checkpoint import LoadReport, existing_checkpoint_path, load_weights, read_state_dict
 from vpt.errors import ConfigError, WeightsUnavailableError
+from vpt.messages import log_setup
 
 __all__ = [
     "SAM_BUILDERS",
@@ -241,8 +242,9 @@ def build_sam(
         f"Building {variant} as a random-init model: results will not reflect pretrained transfer; "
         "set model.checkpoint=/path/to/weights.pth for a real run."
     )
-    # Logged only (no warnings.warn as well): the console would show it twice.
-    _logger.warning(message)
+    # Logged only (no warnings.warn as well): the console would show it twice. Said at every build
+    # (each builds a new random model), but not when a finished run is rebuilt: its training said it.
+    log_setup(_logger, logging.WARNING, message, once=False)
     return model.train()
 
 

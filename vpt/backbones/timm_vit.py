@@ -33,6 +33,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from vpt.backbones.checkpoint import LoadReport, existing_checkpoint_path, load_weights, read_state_dict
 from vpt.errors import CheckpointError, ConfigError, WeightsUnavailableError
+from vpt.messages import log_setup
 
 __all__ = ["create_vit", "load_vit_checkpoint", "vit_data_config"]
 
@@ -96,8 +97,9 @@ def create_vit(
             f"Building {name} as a random-init backbone: results will not reflect pretrained transfer; "
             "set model.pretrained=true or model.checkpoint=... for a real run."
         )
-        # Logged only (no warnings.warn as well): the console would show it twice.
-        _logger.warning(message)
+        # Logged only (no warnings.warn as well): the console would show it twice. Said at every build
+        # (each builds a new random model), but not when a finished run is rebuilt: its training said it.
+        log_setup(_logger, logging.WARNING, message, once=False)
     if img_size is not None:
         _warn_if_not_patch_multiple(model, name)
     return model

@@ -10,7 +10,8 @@ names and headers, skipping the slow voxel checks (NaN/inf intensities, label va
 empty labels).
 
 Every problem is printed on one line, grouped by case and starting with ERROR or WARNING,
-then a summary ``N errors, M warnings in K cases``. The exit status is 1 when there is any
+then a summary ``C cases checked: N errors, M warnings in K cases`` (K: the cases with a
+problem). The exit status is 1 when there is any
 error, 0 when there are only warnings or nothing, and 2 when the folder cannot be checked
 at all (missing, or no known layout).
 """
@@ -21,11 +22,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vpt.cli.arguments import key_value_arguments
 from vpt.cli.errors import exit_on_user_error
-from vpt.data.medical.integrity import Problem, check_dataset
 from vpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vpt.data.medical.integrity import Problem
 
 __all__ = ["format_problems", "main"]
 
@@ -58,14 +62,16 @@ def _parse(argv: Sequence[str] | None) -> dict[str, str]:
     return options
 
 
-def format_problems(problems: Sequence[Problem]) -> list[str]:
+def format_problems(problems: Sequence[Problem], cases_checked: int | None = None) -> list[str]:
     """The report's lines: one per problem, grouped by case, then the summary.
 
     Args:
         problems: As :func:`check_dataset` returns them (data set level first, then by case).
+        cases_checked: How many cases were checked, for the summary (left out when ``None``).
 
     Returns:
-        Lines like ``ERROR    case_003  size_mismatch: ...`` and ``2 errors, 1 warning in 2 cases``.
+        Lines like ``ERROR    case_003  size_mismatch: ...`` and
+        ``12 cases checked: 2 errors, 1 warning in 2 cases``.
     """
     lines = []
     width = max((len(problem.case or "") for problem in problems), default=0)
@@ -76,10 +82,10 @@ def format_problems(problems: Sequence[Problem]) -> list[str]:
     errors = sum(problem.level == "error" for problem in problems)
     warnings = len(problems) - errors
     cases = len({problem.case for problem in problems if problem.case is not None})
-    lines.append(
-        f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)} "
-        f"in {cases} case{'s' * (cases != 1)}"
-    )
+    checked = "" if cases_checked is None else f"{cases_checked} case{'s' * (cases_checked != 1)} checked: "
+    # "in 0 cases" would read as if no case had been looked at.
+    where = f" in {cases} case{'s' * (cases != 1)}" if cases else ""
+    lines.append(f"{checked}{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}{where}")
     return lines
 
 
@@ -91,11 +97,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv: The arguments, ``sys.argv[1:]`` when ``None``.
     """
     options = _parse(argv)
+    # The readers (and, through vpt.data, torch) load only once the arguments are checked.
+    from vpt.data.medical.integrity import examine_dataset
+
     logging.basicConfig(level=logging.WARNING, format="[%(name)s][%(levelname)s] - %(message)s")
     root = Path(options["root"])
-    problems = check_dataset(root, options.get("layout", "auto"), read_values=options["values"] == "true")
-    print(f"Checked {root}")
-    for line in format_problems(problems):
+    report = examine_dataset(root, options.get("layout", "auto"), read_values=options["values"] == "true")
+    problems = report.problems
+    print(f"Checked {root} ({report.layout} layout)")
+    for line in format_problems(problems, report.cases):
         print(line)
     sys.stdout.flush()
     if any(problem.level == "error" for problem in problems):

@@ -65,6 +65,9 @@ _SELECT_MODES = ("auto", "val", "none")
 _RUN_MARKERS = ("metrics.json", "config.yaml", "metrics.csv", ".hydra")
 _LEADING_COLUMNS = ("run", "method", "backbone", "task", "options", "trainable_params", "total_params", "trainable_%")
 _TRAILING_COLUMNS = ("wall_time_s", "peak_memory_mb")
+# Keys of a method's config that set the training recipe, not the method (as vpt.methods'
+# RECIPE_KEYS, less the name; not imported: that would load torch for a table).
+_METHOD_RECIPE_KEYS = ("prompt_lr_scale",)
 
 
 def _natural_key(path: Path) -> list[tuple[int, Any]]:
@@ -170,17 +173,30 @@ def _is_metric_key(key: str, value: Any) -> bool:
     return key.startswith(("test/", "best/")) and (value is None or _is_number(value))
 
 
+def _method_options(method: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The options the run's method used: ``method_options`` of its metrics.json (a sweep's
+    options of other methods, which the method ignored, are left out) and the method's
+    recipe keys; the config's method section for runs that did not record them."""
+    used = metrics.get("method_options")
+    if not isinstance(used, dict):
+        return {key: value for key, value in method.items() if key != "name"}
+    recipe = {key: method[key] for key in _METHOD_RECIPE_KEYS if key in method}
+    return {**used, **recipe}
+
+
 def _describe(run: Path, parent: Path, metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """One run's row, without the metric columns that other runs may add."""
     method = _section(config, "method")
     trainable, total = metrics.get("trainable_params"), metrics.get("total_params")
     share = round(100.0 * trainable / total, 3) if _is_number(trainable) and _is_number(total) and total else None
+    model_config = metrics.get("model_config")
     row: dict[str, Any] = {
         "run": run.relative_to(parent).as_posix(),
         "method": method.get("name"),
-        "backbone": _section(config, "model").get("name"),
+        # The model= config the run chose (vit_micro), else the name the config builds.
+        "backbone": model_config if isinstance(model_config, str) and model_config else _section(config, "model").get("name"),
         "task": _section(config, "task").get("name"),
-        "options": " ".join(f"{key}={_option_text(value)}" for key, value in method.items() if key != "name"),
+        "options": " ".join(f"{key}={_option_text(value)}" for key, value in _method_options(method, metrics).items()),
         "trainable_params": trainable if _is_number(trainable) else None,
         "total_params": total if _is_number(total) else None,
         "trainable_%": share,

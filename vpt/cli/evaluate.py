@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
@@ -36,12 +35,9 @@ from vpt.cli.console import quiet_console
 from vpt.cli.arguments import key_value_arguments
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import CheckpointError, ConfigError
-from vpt.inference.loading import config_and_weights as _config_and_weights
-from vpt.methods import load_trained_weights
+from vpt.messages import rebuilding_a_run
 from vpt.atomic import atomic_write_text
 from vpt.runs import write_json
-from vpt.training import check_accelerator, load_checkpoint_file, load_checkpoint_weights
-from vpt.tasks import build_task
 
 __all__ = ["evaluate", "main"]
 
@@ -148,6 +144,15 @@ def evaluate(
     """
     if split not in _SPLITS:
         raise ConfigError(f"split must be one of {_SPLITS}, got {split!r}.")
+    # torch, Lightning and the backbones load only for an evaluation that will run.
+    import lightning as L
+
+    from vpt.inference.loading import config_and_weights as _config_and_weights
+    from vpt.methods import load_trained_weights
+    from vpt.metrics import format_organ_table
+    from vpt.tasks import build_task
+    from vpt.training import check_accelerator, load_checkpoint_file, load_checkpoint_weights
+
     checkpoint_file: Optional[Path] = None
     saved: Optional[dict[str, Any]] = None
     if checkpoint:
@@ -179,7 +184,8 @@ def evaluate(
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_accelerator({"accelerator": trainer_cfg.get("accelerator", "auto")})
     L.seed_everything(cfg.get("seed", 0), verbose=False)
-    parts = build_task(cfg)
+    with rebuilding_a_run():  # the run's training said what its data and backbone are
+        parts = build_task(cfg)
     if saved is not None:
         load_checkpoint_weights(parts.module, saved, weights_path)
     else:
@@ -193,11 +199,13 @@ def evaluate(
         enable_checkpointing=False,
         enable_progress_bar=trainer_cfg.get("enable_progress_bar", True),
     )
-    parts.datamodule.prepare_data()
-    parts.datamodule.setup("test" if split == "test" else "fit")
     # Segmentation is scored per volume: its test loader yields whole cases.
     volumes = {"volumes": True} if volume_task else {}
-    results = trainer.test(parts.module, dataloaders=parts.datamodule.dataloader(split, **volumes), verbose=False)
+    with rebuilding_a_run():
+        parts.datamodule.prepare_data()
+        parts.datamodule.setup("test" if split == "test" else "fit")
+        loader = parts.datamodule.dataloader(split, **volumes)
+    results = trainer.test(parts.module, dataloaders=loader, verbose=False)
     metrics = {key.replace("test/", f"{split}/", 1): value for key, value in (results[0] if results else {}).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     extras = parts.module.write_report(out_dir, parts.datamodule, 0)
@@ -207,6 +215,9 @@ def evaluate(
         metrics.update({"checkpoint_epoch": saved.get("epoch"), "checkpoint_step": saved.get("global_step")})
     write_json(out_dir / "metrics.json", metrics)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    table = format_organ_table(metrics.get(f"{split}/per_organ"), metrics.get(f"{split}/hd95_unit"))
+    if table:
+        print(f"\n{table}\n")
     print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"Wrote {out_dir / 'metrics.json'}")
     return metrics
@@ -223,8 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             own[key] = value
         else:
             overrides.append(f"{key}={value}")
-    quiet_console()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    quiet_console()  # after basicConfig: its console handler gets the filters too
     evaluate(own["run_dir"], own["weights"], own["split"] or "test", own["output"], overrides, own["checkpoint"])
 
 

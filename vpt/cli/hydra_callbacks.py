@@ -2,7 +2,8 @@
 
 Hydra creates the run folder before the task function runs; a folder that cannot be
 created (read-only parent, a file in the way) would end in Hydra's traceback. This check
-runs first and says it in one sentence.
+runs first and says it in one sentence, and notes which folders Hydra is about to make so
+that a run vpt refuses leaves none behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vpt.cli.errors import note_run_folder
 from vpt.errors import VptError
 from vpt.runs import check_folder_writable
 
@@ -32,6 +34,8 @@ class OutputFolderCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
+        # Before Hydra makes the folder: a run refused by vpt's checks removes what Hydra made.
+        note_run_folder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")

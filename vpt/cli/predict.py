@@ -35,8 +35,6 @@ from vpt.cli.arguments import key_value_arguments
 from vpt.cli.console import quiet_console
 from vpt.cli.errors import exit_on_user_error
 from vpt.errors import ConfigError
-from vpt.inference import predict
-from vpt.inference.predict import predict_bank
 
 __all__ = ["main"]
 
@@ -92,8 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     own["weights"] = weights[0] if weights else None
     if not own["input"]:
         raise ConfigError("No input given; pass input=<a volume file, a folder of volumes or 2D images, or a DICOM series folder>.")
-    quiet_console()
+    # torch, Lightning and the backbones load only for a command that will run.
+    from vpt.inference import predict
+    from vpt.inference.predict import predict_bank
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    quiet_console()  # after basicConfig: its console handler gets the filters too
     if len(weights) > 1:
         if own["run_dir"]:
             raise ConfigError("Pass either run_dir= or several weights= (a prompt bank), not both.")

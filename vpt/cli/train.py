@@ -23,28 +23,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
 from vpt.atomic import atomic_write_text
 from vpt.cli.console import quiet_console
-from vpt.cli.errors import exit_on_user_error
+from vpt.cli.errors import exit_on_user_error, run_folder_in_use
 from vpt.errors import ConfigError
-from vpt.methods import parameter_groups, parameter_table, save_trained_weights
 from vpt.runs import check_run_dir, plot_curves, write_json
-from vpt.tasks import build_task
-from vpt.training import (
-    TRAINER_ARGUMENTS,
-    build_trainer,
-    check_accelerator,
-    check_resume_fits,
-    check_test_checkpoint,
-    load_checkpoint_file,
-    warn_if_validation_cannot_choose,
-)
 
 __all__ = ["train", "main", "trainer_overrides"]
 
@@ -78,32 +65,33 @@ def _prepare_resume(cfg: DictConfig) -> tuple[Optional[dict[str, Any]], Optional
     """Read and check ``cfg.ckpt_path`` (if any) before anything is built or written."""
     if not cfg.get("ckpt_path"):
         return None, None
+    from vpt.training import check_resume_fits, load_checkpoint_file
+
     path = str(Path(str(cfg.ckpt_path)).expanduser()) if "://" not in str(cfg.ckpt_path) else str(cfg.ckpt_path)
     checkpoint = load_checkpoint_file(path)
     check_resume_fits(checkpoint, OmegaConf.to_container(cfg, resolve=True), path)  # type: ignore[arg-type]
     return checkpoint, path
 
 
-def _organ_table(per_organ: Any, unit: Optional[str]) -> str:
-    """A plain per-organ table (Dice, HD95, NSD, case counts) for the end of a segmentation run."""
-    if not isinstance(per_organ, dict) or not per_organ:
-        return ""
-    columns = [("dice", "Dice"), ("hd95", f"HD95 ({unit or '?'})"), ("nsd", "NSD"), ("cases", "cases"),
-               ("missed", "missed"), ("false_positive", "false pos.")]
-    present = [(k, title) for k, title in columns if any(isinstance(v, dict) and k in v for v in per_organ.values())]
-    width = max(len(str(name)) for name in per_organ) + 2
-    lines = ["organ".ljust(width) + "".join(title.rjust(12) for _, title in present)]
-    for name, scores in per_organ.items():
-        cells = []
-        for key, _ in present:
-            value = scores.get(key) if isinstance(scores, dict) else None
-            if value is None or value != value:
-                text = "-"
-            else:
-                text = str(value) if isinstance(value, int) else f"{value:.4f}"
-            cells.append(text.rjust(12))
-        lines.append(str(name).ljust(width) + "".join(cells))
-    return "\n".join(lines)
+def _say(text: str) -> None:
+    """Print ``text`` for the reader and add it to the run's log file (``train.log``), which
+    a print does not reach."""
+    print(text, flush=True)
+    if not text.strip():
+        return
+    record = _logger.makeRecord(_logger.name, logging.INFO, __file__, 0, text.strip("\n"), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _model_config_name(cfg: DictConfig) -> Optional[str]:
+    """The ``model=`` config the run used (``vit_micro``), which ``cfg.model.name`` (the timm
+    or SAM name it builds) does not say; known when Hydra composed the run."""
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get("model")
+    return str(choice) if choice else None
 
 
 def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
@@ -121,6 +109,22 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             that is missing, unreadable or from another model/method/task, a
             ``task.test_checkpoint`` other than best/last (nothing written).
     """
+    # torch, Lightning and the backbones load here, not at import, so that --help is quick.
+    import lightning as L
+    import torch
+
+    from vpt.methods import applied_method, parameter_groups, parameter_table, save_trained_weights
+    from vpt.metrics import format_organ_table
+    from vpt.tasks import build_task, check_training_data
+    from vpt.training import (
+        WallTime,
+        build_trainer,
+        check_accelerator,
+        check_test_checkpoint,
+        check_trainer_values,
+        warn_if_validation_cannot_choose,
+    )
+
     run_dir = Path(run_dir or _run_dir(cfg))
     test_checkpoint = check_test_checkpoint(cfg.task.test_checkpoint)
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -130,8 +134,12 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     if launched_rank == 0:
         check_run_dir(run_dir, resuming=bool(cfg.get("ckpt_path")))
     check_accelerator(trainer_options)  # type: ignore[arg-type]
+    check_trainer_values(trainer_options)  # type: ignore[arg-type]
     checkpoint, ckpt_path = _prepare_resume(cfg)
     resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
+    # Splits that would leave training, validation or the final test without a case, and
+    # required data keys left unset, stop the run here rather than after hours of training.
+    check_training_data(cfg)
 
     # The checks passed: from here on the run folder is ours to write.
     try:
@@ -140,6 +148,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             _write_hydra_record(run_dir, cfg)
     except OSError as error:
         raise ConfigError(f"Cannot write the run folder {run_dir} ({error.strerror}); choose a writable hydra.run.dir.") from None
+    run_folder_in_use()  # an error from here on ends train.log
     started = time.time()
     quiet_console()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -166,13 +175,17 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         callback_config=OmegaConf.to_container(cfg.callbacks, resolve=True) if cfg.get("callbacks") else None,  # type: ignore[arg-type]
         resume_step=resume_step,
         preloaded={ckpt_path: checkpoint} if checkpoint is not None and ckpt_path else None,
+        # A resumed run's time is the sum of its segments; the checkpoint holds the earlier ones.
+        wall_time=WallTime(started, WallTime.earlier_segments(checkpoint)),
     )
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         _logger.info("Run folder: %s", run_dir.resolve())
         if resume_step is not None:
             _logger.info("Resuming %s at step %d (epoch %d).", ckpt_path, resume_step, int(checkpoint.get("epoch", 0)) + 1)  # type: ignore[union-attr]
-        print(f"\nTrainable parameters ({cfg.method.name} on {cfg.model.name}):\n{parameter_table(parts.model)}\n", flush=True)
+        model_config = _model_config_name(cfg)
+        backbone = f"{model_config} ({cfg.model.name})" if model_config and model_config != cfg.model.name else cfg.model.name
+        _say(f"\nTrainable parameters ({cfg.method.name} on {backbone}):\n{parameter_table(parts.model)}\n")
 
     trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     best = best_checkpoint.best_model_path or None
@@ -196,6 +209,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     report_extras = parts.module.write_report(run_dir, parts.datamodule, cfg.num_preview_images)
     plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
     best_score = best_checkpoint.best_model_score
+    segments = next(callback for callback in trainer.callbacks if isinstance(callback, WallTime)).segments()
+    method = applied_method(parts.model)
     metrics.update(report_extras)
     metrics.update(
         {
@@ -208,14 +223,19 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             "trained_weights": TRAINED_WEIGHTS,
             "best_checkpoint": os.path.relpath(best, run_dir) if best else None,
             "tested_checkpoint": tested,
-            "wall_time_s": round(time.time() - started, 1),
+            "model_config": _model_config_name(cfg),
+            # The options the method used (a sweep's options of other methods left out).
+            "method_options": dict(method.method_options) if method is not None else None,
+            "wall_time_s": round(sum(segments), 1),
+            "wall_time_segments_s": segments,
         }
     )
     write_json(run_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float))
-    table = _organ_table(metrics.get("test/per_organ"), metrics.get("test/hd95_unit"))
-    print(f"\n{table}\n" if table else "", end="", flush=True)
-    print(f"\nFinished: {summary}\nRun folder: {run_dir}", flush=True)
+    table = format_organ_table(metrics.get("test/per_organ"), metrics.get("test/hd95_unit"))
+    tested_weights = "the best validation epoch (checkpoints/best.ckpt)" if tested == "best" else "the end of training"
+    _say(f"\n{table}\n" if table else "")
+    _say(f"Finished: {summary}\nTested: the weights of {tested_weights}\nRun folder: {run_dir}")
     return metrics
 
 
@@ -237,7 +257,10 @@ def trainer_overrides(argv: Sequence[str]) -> list[str]:
     method become ``++key=V`` (add or override); the method drops, with a warning, options
     that belong to other methods. Anything else is left for Hydra to judge.
     """
+    if not any(arg.lstrip("+").startswith(("trainer.", "method.")) for arg in argv):
+        return list(argv)  # nothing to rewrite, and --help need not import torch for the answer
     from vpt.methods.registry import _known_options
+    from vpt.training import TRAINER_ARGUMENTS
 
     known = {"trainer": TRAINER_ARGUMENTS, "method": _known_options()}
     rewritten = []
@@ -250,9 +273,18 @@ def trainer_overrides(argv: Sequence[str]) -> list[str]:
     return rewritten
 
 
+@exit_on_user_error
+def _check_command_line(argv: Sequence[str]) -> None:
+    from vpt.cli.config_check import check_overrides
+
+    check_overrides(argv)
+
+
 def main() -> None:
     """Console entry point (``vpt-train``)."""
     sys.argv[1:] = trainer_overrides(sys.argv[1:])
+    # A mistyped key or config name is said here in one sentence (Hydra would advise +key=).
+    _check_command_line(sys.argv[1:])
     quiet_console()
     _hydra_entry()
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.data.transforms import reseed_worker_transform
 from vpt.errors import ConfigError
+from vpt.messages import log_once
 
 __all__ = [
     "AUTO_WORKERS",
@@ -30,9 +31,6 @@ _logger = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 8
 AUTO_WORKERS = "auto"
 
-# (logger name, formatted message) pairs already warned about in this process.
-_warned: set[tuple[str, str]] = set()
-
 
 def warn_once(logger: logging.Logger, message: str, *args: Any) -> bool:
     """Log a warning the first time this message (after ``%`` formatting) is seen in the process.
@@ -48,13 +46,7 @@ def warn_once(logger: logging.Logger, message: str, *args: Any) -> bool:
     Returns:
         Whether the warning was logged (False when it had been logged before).
     """
-    text = message % args if args else message
-    key = (logger.name, text)
-    if key in _warned:
-        return False
-    _warned.add(key)
-    logger.warning(text)
-    return True
+    return log_once(logger, logging.WARNING, message, *args)
 
 
 def available_cpus() -> int:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
 from vpt.errors import ConfigError, DataError
+from vpt.messages import rebuilding_a_run
 from vpt.methods import load_trained_weights
 from vpt.methods.trained_weights import read_trained_metadata
 from vpt.tasks import TaskParts, build_task
@@ -211,7 +212,8 @@ def rebuild_run(cfg: DictConfig, weights_path: Path, device: Optional[str] = Non
     # The frozen backbone is rebuilt, not loaded: a random-init one is the run's only with its seed.
     L.seed_everything(cfg.get("seed", 0), verbose=False)
     try:
-        parts = build_task(cfg)
+        with rebuilding_a_run():  # the run's training said what it found and built
+            parts = build_task(cfg)
     except DataError as error:
         root = OmegaConf.select(cfg, "task.data.root", default=None)
         if root is None or Path(str(root)).expanduser().exists():

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from vpt.data.classification import read_rgb
+from vpt.data.medical.io import check_volume_complete
 from vpt.errors import ConfigError, DataError
 from vpt.inference.classification import ImageClassifier
 from vpt.inference.images import (
@@ -334,6 +335,10 @@ def predict(
         plans = {item: _plan_segmentation(item, out_dir, save_probabilities) for item in items}
         _check_distinct(plans)
         check_outputs_free([path for plan in plans.values() for path in plan.all_files])
+        for item in plans:
+            if item.kind == "volume":
+                # A damaged scan anywhere in the input stops the command before any mask is written.
+                check_volume_complete(item.path)
         run = rebuild_run(cfg, weights_path, device)
         size = batch_size or int(getattr(run.parts.module, "eval_batch_size", 16))
         written = _segment(run, plans, size, save_probabilities, progress)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vpt.data.medical.io import check_finite
+from vpt.data.medical.io import check_finite, check_volume_complete
 from vpt.errors import DataError
 from vpt.inference.inputs import PredictionInput, preserved_locale
 from vpt.inference.outputs import write_new_files
@@ -59,6 +59,10 @@ def read_input_volume(item: PredictionInput) -> Any:
     """
     import SimpleITK as sitk
 
+    if item.kind == "volume":
+        # ITK reads a truncated NIfTI file without complaint (zeros for the missing slices);
+        # the same check as training and vpt-check-data refuses it.
+        check_volume_complete(item.path)
     try:
         with preserved_locale():
             image = _read_image(sitk, item)

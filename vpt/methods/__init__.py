@@ -8,6 +8,7 @@ and a function registered with :func:`register_method`) plus one config in
 
 from vpt.methods.registry import (
     MethodConfig,
+    applied_method,
     apply_method,
     available_methods,
     build_method,
@@ -24,6 +25,7 @@ from vpt.methods.lora import merge_lora  # noqa: E402  isort: skip
 
 __all__ = [
     "MethodConfig",
+    "applied_method",
     "apply_method",
     "available_methods",
     "build_method",

@@ -26,6 +26,7 @@ __all__ = [
     "available_methods",
     "method_config",
     "apply_method",
+    "applied_method",
     "build_method",
 ]
 
@@ -124,6 +125,16 @@ def apply_method(encoder: nn.Module, name: str, **options: Any) -> nn.Module:
     model.method_name = name
     model.method_options = dataclasses.asdict(config)
     return model
+
+
+def applied_method(model: nn.Module) -> Optional[nn.Module]:
+    """The submodule of ``model`` that :func:`apply_method` returned, or ``None``: its
+    ``method_name`` and ``method_options`` say what was applied, with every option the
+    method used (and none that it ignored)."""
+    for module in model.modules():
+        if hasattr(module, "method_name") and hasattr(module, "method_options"):
+            return module
+    return None
 
 
 def _refuse_adapted(encoder: nn.Module) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from vpt.atomic import atomic_path
 from vpt.errors import CheckpointError
+from vpt.methods.registry import applied_method
 
 __all__ = ["trainable_state_dict", "save_trained_weights", "load_trained_weights", "read_trained_metadata"]
 
@@ -86,10 +87,7 @@ def read_trained_metadata(path: str | Path) -> dict[str, Any]:
 
 def _method_carrier(model: nn.Module) -> Optional[nn.Module]:
     """The submodule :func:`vpt.methods.apply_method` returned (it records the method)."""
-    for module in model.modules():
-        if hasattr(module, "method_name") and hasattr(module, "method_options"):
-            return module
-    return None
+    return applied_method(model)
 
 
 def _check_method(model: nn.Module, metadata: Mapping[str, Any], path: Path) -> None:

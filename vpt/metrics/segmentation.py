@@ -54,6 +54,7 @@ __all__ = [
     "metric_definitions",
     "volume_scores",
     "summarize_volume_scores",
+    "format_organ_table",
     "slice_dice",
     "SliceDice",
 ]
@@ -323,6 +324,37 @@ def summarize_volume_scores(
         "hd95_unit": unit,
         "organs": organs,
     }
+
+
+def format_organ_table(organs: Any, unit: str | None = None) -> str:
+    """The per-organ scores as a plain text table, for the console and ``train.log``.
+
+    Args:
+        organs: ``organs`` of :func:`summarize_volume_scores` (``test/per_organ`` of a run's
+            ``metrics.json``): name -> scores; columns only for the scores some organ has.
+        unit: The HD95 unit for its column title.
+
+    Returns:
+        One line per organ under a title line; ``""`` when there is nothing to show.
+    """
+    if not isinstance(organs, Mapping) or not organs:
+        return ""
+    columns = [("dice", "Dice"), ("hd95", f"HD95 ({unit or '?'})"), ("nsd", "NSD"), ("cases", "cases"),
+               ("missed", "missed"), ("false_positive", "false pos.")]
+    present = [(key, title) for key, title in columns if any(isinstance(v, Mapping) and key in v for v in organs.values())]
+    width = max(len(str(name)) for name in organs) + 2
+    lines = ["organ".ljust(width) + "".join(title.rjust(12) for _, title in present)]
+    for name, scores in organs.items():
+        cells = []
+        for key, _ in present:
+            value = scores.get(key) if isinstance(scores, Mapping) else None
+            if value is None or value != value:  # missing or NaN
+                text = "-"
+            else:
+                text = str(value) if isinstance(value, int) else f"{value:.4f}"
+            cells.append(text.rjust(12))
+        lines.append(str(name).ljust(width) + "".join(cells))
+    return "\n".join(lines)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vpt.errors import DataError
+from vpt.messages import log_setup
 from vpt.metrics.segmentation import (
     DEFAULT_NSD_TOLERANCE,
     SliceDice,
@@ -47,7 +48,7 @@ from vpt.metrics.segmentation import (
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
 from vpt.tasks.registry import TaskParts, register_task
 
-__all__ = ["SegmentationTask", "dice_loss", "build_segmentation", "check_data_folder"]
+__all__ = ["SegmentationTask", "dice_loss", "build_segmentation", "check_data_folder", "check_training_splits"]
 
 _logger = logging.getLogger(__name__)
 
@@ -254,6 +255,24 @@ def check_data_folder(task_cfg: DictConfig) -> None:
         )
 
 
+def check_training_splits(task_cfg: DictConfig) -> None:
+    """Before a training run writes anything: its data folder gives the train, validation and
+    test splits a case each (it validates every epoch and ends with a test).
+
+    Raises:
+        DataError: missing folder or dataset.json problems, or an empty split (see
+            ``check_split_sizes``); ConfigError: a required key left unset.
+    """
+    from vpt.data.registry import build_datamodule
+
+    check_data_folder(task_cfg)
+    names = task_cfg.get("class_names")
+    data_cfg = OmegaConf.to_container(task_cfg.data, resolve=True)
+    probe = build_datamodule(data_cfg, num_classes=len(names) if names else None)  # type: ignore[arg-type]
+    if hasattr(probe, "check_split_sizes"):
+        probe.check_split_sizes(required=("train", "val", "test"))
+
+
 def plan_segmentation_data(task_cfg: DictConfig) -> list[str]:
     """The class names, and a check that the data folder can give every split a case, before
     any model is built (a large encoder takes minutes to load; a bad folder should not).
@@ -274,7 +293,7 @@ def plan_segmentation_data(task_cfg: DictConfig) -> list[str]:
         probe.check_split_sizes()
     if names:
         return [str(name) for name in names]
-    _logger.info("Classes from %s: %s.", data_cfg.get("root"), ", ".join(probe.class_names))  # type: ignore[union-attr]
+    log_setup(_logger, logging.INFO, "Classes from %s: %s.", data_cfg.get("root"), ", ".join(probe.class_names))  # type: ignore[union-attr]
     return list(probe.class_names)
 
 

@@ -6,13 +6,14 @@ from vpt.training.checkpoints import (
     LastCheckpoint,
     RandomState,
     SafeCheckpointIO,
+    WallTime,
     check_resume_fits,
     load_checkpoint_file,
     load_checkpoint_weights,
 )
 from vpt.training.loggers import ResumableCSVLogger, available_loggers, build_loggers, register_logger
 from vpt.training.selection import TEST_CHECKPOINTS, check_test_checkpoint, validation_problem, warn_if_validation_cannot_choose
-from vpt.training.trainer import TRAINER_ARGUMENTS, build_trainer, check_accelerator
+from vpt.training.trainer import TRAINER_ARGUMENTS, build_trainer, check_accelerator, check_trainer_values
 
 __all__ = [
     "TEST_CHECKPOINTS",
@@ -21,12 +22,14 @@ __all__ = [
     "RandomState",
     "ResumableCSVLogger",
     "SafeCheckpointIO",
+    "WallTime",
     "available_callbacks",
     "available_loggers",
     "build_callbacks",
     "build_loggers",
     "build_trainer",
     "check_accelerator",
+    "check_trainer_values",
     "check_resume_fits",
     "check_test_checkpoint",
     "load_checkpoint_file",

@@ -13,6 +13,8 @@
 - :class:`RandomState` stores the random generators in every checkpoint and restores them
   when training resumes, so that a resumed ``deterministic=true`` run draws the same data
   order, augmentations and prompt dropout as an uninterrupted one.
+- :class:`WallTime` stores the wall time of the run's segments so far in every checkpoint,
+  so a resumed run reports the time of all its segments, not only of the last.
 - :func:`check_resume_fits` compares a checkpoint's recorded run with the run that wants to
   resume it, before anything is built or written.
 - :func:`load_checkpoint_weights` puts a checkpoint's trained tensors into a task module
@@ -25,9 +27,10 @@ import logging
 import os
 import pickle
 import random
+import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ __all__ = [
     "SafeCheckpointIO",
     "LastCheckpoint",
     "RandomState",
+    "WallTime",
     "check_resume_fits",
     "checkpoint_step",
     "load_checkpoint_weights",
@@ -114,19 +118,41 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", use: Check
         # into an unpickler that runs code.
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = _unpickler_reason(error)
+        if reason.startswith("Unsupported operand"):  # bytes no pickle writes: a damaged file
+            raise CheckpointError(
+                f"Checkpoint {file} cannot be read ({reason}); it is damaged or not a checkpoint, so {instead}."
+            ) from None
         raise CheckpointError(
-            f"Checkpoint {file} holds objects other than tensors and plain values ({first[:160]}); vpt refuses to unpickle "
+            f"Checkpoint {file} holds objects other than tensors and plain values ({reason}); vpt refuses to unpickle "
             "it, so use only checkpoints written by vpt."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        reason = _first_sentence(str(error)) or "truncated"
         raise CheckpointError(
-            f"Checkpoint {file} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'truncated'}); "
+            f"Checkpoint {file} cannot be read ({type(error).__name__}: {reason}); "
             f"it is truncated or not a checkpoint, so {instead}."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict); {where}.")
     return checkpoint
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of the first line of an error's text, cut at a word if still long."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused (``Unsupported global: GLOBAL x.y was not
+    an allowed global by default``, ``Unsupported operand 255``), without torch's advice
+    around it (which names the unsafe ``weights_only=False``)."""
+    _, found, reason = str(error).partition("WeightsUnpickler error:")
+    return _first_sentence(reason if found else str(error)) or type(error).__name__
 
 
 def checkpoint_step(checkpoint: Mapping[str, Any]) -> int:
@@ -277,6 +303,52 @@ class RandomState(Callback):
             # The rank too: DDP processes must not draw the same crops for their samples.
             seed = (run_seed * 1_000_003 + trainer.current_epoch) * 1009 + trainer.global_rank
             transform.set_random_seed(seed % 2**32)
+
+
+class WallTime(Callback):
+    """The wall time of a run's segments (the first run and each resume), in every checkpoint.
+
+    A checkpoint holds the seconds of the segments before it and of its own segment up to
+    its save; a run resumed from it passes those as ``earlier``. Read from the resumed
+    checkpoint once, never restored by Lightning: ``trainer.test(ckpt_path=best.ckpt)``
+    restores callbacks too, and would count the run's own segment twice.
+
+    Args:
+        started: ``time.time()`` when this segment began.
+        earlier: Seconds of each earlier segment (:meth:`earlier_segments` of the resumed
+            checkpoint).
+    """
+
+    def __init__(self, started: Optional[float] = None, earlier: Sequence[float] = ()) -> None:
+        self.started = time.time() if started is None else float(started)
+        self.earlier = [float(seconds) for seconds in earlier]
+
+    @staticmethod
+    def earlier_segments(checkpoint: Optional[Mapping[str, Any]]) -> list[float]:
+        """The segments a checkpoint recorded (``[]`` for none, or one written before vpt kept them)."""
+        callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+        state = callbacks.get("WallTime") if isinstance(callbacks, Mapping) else None
+        segments = state.get("segments_s") if isinstance(state, Mapping) else None
+        if not isinstance(segments, (list, tuple)):
+            return []
+        return [float(seconds) for seconds in segments if isinstance(seconds, (int, float)) and seconds >= 0]
+
+    def segments(self) -> list[float]:
+        """Seconds of each segment, this one (up to now) last, rounded to 0.1 s."""
+        return [round(seconds, 1) for seconds in (*self.earlier, time.time() - self.started)]
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "WallTime"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"segments_s": self.segments()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # see the class docstring
 
 
 def _method_settings(section: Any) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vpt.errors import ConfigError
 from vpt.training.callbacks import build_callbacks
-from vpt.training.checkpoints import LastCheckpoint, RandomState, SafeCheckpointIO
+from vpt.training.checkpoints import LastCheckpoint, RandomState, SafeCheckpointIO, WallTime
 from vpt.training.loggers import build_loggers
 
-__all__ = ["TRAINER_ARGUMENTS", "build_trainer", "check_accelerator"]
+__all__ = ["TRAINER_ARGUMENTS", "build_trainer", "check_accelerator", "check_trainer_values"]
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +58,89 @@ def check_accelerator(trainer_options: Mapping[str, Any]) -> None:
         )
 
 
+def _whole(value: Any) -> Optional[int]:
+    """``value`` as an int when it is a whole number (not a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _precisions() -> tuple[str, ...]:
+    import typing
+
+    from lightning.fabric import connector
+
+    names = [*typing.get_args(connector._PRECISION_INPUT_STR), *typing.get_args(connector._PRECISION_INPUT_STR_ALIAS)]
+    return tuple(dict.fromkeys([*names, *(str(n) for n in typing.get_args(connector._PRECISION_INPUT_INT))]))
+
+
+def check_trainer_values(trainer_options: Mapping[str, Any]) -> None:
+    """Refuse, in one sentence and before anything is built, the values ``lightning.Trainer``
+    would refuse later with a traceback (or accept and do nothing with: ``max_epochs=0``
+    trains nothing and would leave a run folder that looks finished).
+
+    Raises:
+        ConfigError: the first bad value, naming the key and what it may be.
+    """
+
+    def refuse(key: str, allowed: str) -> None:
+        raise ConfigError(f"trainer.{key}={trainer_options[key]!r} is not valid; use {allowed}.")
+
+    def whole_at_least(key: str, low: int, allowed: str, none_ok: bool = False) -> None:
+        if key not in trainer_options or (none_ok and trainer_options[key] is None):
+            return
+        number = _whole(trainer_options[key])
+        if number is None or number < low:
+            refuse(key, allowed)
+
+    max_steps = _whole(trainer_options.get("max_steps", -1))
+    if "max_epochs" in trainer_options and trainer_options["max_epochs"] is not None:
+        epochs = _whole(trainer_options["max_epochs"])
+        if epochs is None or (epochs < 1 and not (epochs == -1 and max_steps is not None and max_steps >= 1)):
+            refuse("max_epochs", "a whole number of 1 or more (or -1 together with trainer.max_steps of 1 or more)")
+    if "max_steps" in trainer_options and trainer_options["max_steps"] is not None:
+        if max_steps is None or (max_steps < 1 and max_steps != -1):
+            refuse("max_steps", "-1 (no limit) or a whole number of 1 or more")
+    whole_at_least("min_epochs", 0, "a whole number of 0 or more", none_ok=True)
+    whole_at_least("min_steps", 0, "a whole number of 0 or more", none_ok=True)
+    whole_at_least("accumulate_grad_batches", 1, "a whole number of 1 or more")
+    whole_at_least("log_every_n_steps", 1, "a whole number of 1 or more", none_ok=True)
+    whole_at_least("check_val_every_n_epoch", 1, "a whole number of 1 or more (or null)", none_ok=True)
+    whole_at_least("num_sanity_val_steps", -1, "-1 (all) or a whole number of 0 or more", none_ok=True)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches"):
+        value = trainer_options.get(key)
+        if value is None or key not in trainer_options:
+            continue
+        number = _whole(value)
+        fraction_ok = isinstance(value, float) and not value.is_integer() and 0.0 <= value <= 1.0
+        if not (fraction_ok or (number is not None and number >= 0)):
+            refuse(key, "a fraction in [0, 1] or a whole number of batches")
+    if trainer_options.get("limit_train_batches") in (0, 0.0) and "limit_train_batches" in trainer_options:
+        refuse("limit_train_batches", "more than 0 (0 trains nothing)")
+    value = trainer_options.get("val_check_interval")
+    if value is not None:
+        number = _whole(value)
+        if not ((isinstance(value, float) and 0.0 < value <= 1.0) or (number is not None and number >= 1)):
+            refuse("val_check_interval", "a fraction in (0, 1] of an epoch or a whole number of 1 or more batches")
+    value = trainer_options.get("gradient_clip_val")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        refuse("gradient_clip_val", "null or a number of 0 or more")
+    if "precision" in trainer_options and trainer_options["precision"] is not None:
+        allowed = _precisions()
+        if str(trainer_options["precision"]) not in allowed:
+            refuse("precision", "one of " + ", ".join(allowed))
+    if "devices" in trainer_options:
+        devices = trainer_options["devices"]
+        number = _whole(devices)
+        if not (devices == "auto" or isinstance(devices, (list, tuple)) or (number is not None and (number >= 1 or number == -1))
+                or (isinstance(devices, str) and devices.replace(",", "").replace("-", "").strip().isdigit())):
+            refuse("devices", "auto, -1 (all), a number of 1 or more, or a list of device indices")
+
+
 def build_trainer(
     trainer_options: Mapping[str, Any],
     run_dir: Path,
@@ -67,6 +150,7 @@ def build_trainer(
     callback_config: Optional[Mapping[str, Any]] = None,
     resume_step: Optional[int] = None,
     preloaded: Optional[dict[str, dict[str, Any]]] = None,
+    wall_time: Optional[WallTime] = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Trainer for one run and its best-checkpoint callback.
 
@@ -78,6 +162,7 @@ def build_trainer(
         callback_config: The ``callbacks`` node.
         resume_step: Global step of the checkpoint being resumed (keeps ``metrics.csv`` rows).
         preloaded: Checkpoints already read and checked (path -> dict).
+        wall_time: Keeps the run's segment times in its checkpoints (a new one if ``None``).
 
     Returns:
         ``(trainer, best_checkpoint_callback)``.
@@ -92,9 +177,14 @@ def build_trainer(
         enable_version_counter=False,
         auto_insert_metric_name=False,
     )
-    callbacks = [best, LastCheckpoint(run_dir / "checkpoints"), RandomState(), *build_callbacks(callback_config)]
+    callbacks = [best, LastCheckpoint(run_dir / "checkpoints"), RandomState(), wall_time or WallTime(),
+                 *build_callbacks(callback_config)]
+    options = dict(trainer_options)
+    # vpt prints its own table of trainable parameters; Lightning's summary repeats it (with
+    # a FLOPs column that reads 0); trainer.enable_model_summary=true brings it back.
+    options.setdefault("enable_model_summary", False)
     trainer = L.Trainer(
-        **dict(trainer_options),
+        **options,
         default_root_dir=str(run_dir),
         logger=build_loggers(logger_config, run_dir, resume_step),
         callbacks=callbacks,

@@ -48,8 +48,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vpt.data.classification import SPLITS
 from vpt.data.medical.cache import CachedCase, VolumeCache, resolve_cache_dir
-from vpt.data.medical.io import check_finite, read_npz_slice
+from vpt.data.medical.io import check_finite, read_npz_slice, read_volume_geometry
 from vpt.data.medical.layouts import LAYOUTS, Case, CaseArrays, CaseIndex, dataset_modality, find_cases, load_case
+from vpt.data.medical.orientation import DisplayOrientation, display_orientation
 from vpt.data.medical.phantom import (
     DEFAULT_PHANTOM_SHAPE,
     PHANTOM_CLASS_NAMES,
@@ -63,6 +64,7 @@ from vpt.data.splits import group_split
 from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set, warn_once
 from vpt.data.transforms import to_size
 from vpt.errors import ConfigError, DataError
+from vpt.messages import log_setup
 
 __all__ = ["VolumeSegmentationDataModule", "SliceDataset", "VolumeDataset", "check_label_values", "binary_mask_as_classes"]
 
@@ -359,6 +361,27 @@ class VolumeDataset(Dataset):
             "case": case.case_id,
         }
 
+    def display_slices(self, index: int, positions: Sequence[int]) -> tuple[np.ndarray, DisplayOrientation]:
+        """Slices of one case for pictures: the data's own pixels, not the network input.
+
+        Args:
+            index: The case, as for ``self[index]``.
+            positions: Slice indices of the case.
+
+        Returns:
+            ``(planes, orientation)``: ``(K, H0, W0)`` float32 in [0, 1] on the label's grid
+            (``(K, H0, W0, 3)`` for colour images), as stored, and the turn that shows them
+            as radiologists read them (from the image header; none without one).
+        """
+        case = self.cases[index]
+        if self.cache is not None:
+            unit = self.cache.entry(case).image()
+        else:
+            unit = self.to_unit(load_case(case).image, case)  # type: ignore[arg-type]
+        planes = np.stack([np.asarray(unit[int(position)], dtype=np.float32) for position in positions])
+        direction = read_volume_geometry(case.image).direction if case.kind == "volume" else None
+        return np.clip(planes, 0.0, 1.0), display_orientation(direction)
+
 
 class VolumeSegmentationDataModule(L.LightningDataModule):
     """Slice-wise segmentation data from an nnU-Net, Synapse or 2D-folder data set.
@@ -593,32 +616,65 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         if index.test:
             split["test"] = list(index.test)
         self._split_cases = split
-        _logger.info(
-            "%s: %d classes; cases: train %d, val %d, test %d%s (seed %d).",
+        log_setup(
+            _logger, logging.INFO, "%s: %d classes; cases: train %d, val %d, test %d%s (seed %d).",
             self.root, self.num_classes, len(split["train"]), len(split["val"]), len(split["test"]),
             " (official test split)" if index.test else "", self.seed,
         )
 
-    def check_split_sizes(self) -> None:
+    def check_split_sizes(self, required: Sequence[str] | None = None) -> None:
         """Refuse a data set with too few cases for the requested splits, before any training.
 
+        Args:
+            required: The splits that must get a case; by default the training split and
+                each split the fractions (or an official test split) ask for. A training run
+                passes all three: it validates every epoch and ends with a test.
+
         Raises:
-            DataError: no training case, or no case for a validation / test split that the
-                fractions ask for; the message says how many cases there are and what to change.
+            DataError: a required split without a case; the message names the split, the
+                setting that emptied it and the change that fills it (more cases, a larger
+                fraction, or smaller ones when the training split is the empty one).
         """
         self.setup()
         assert self._split_cases is not None
         counts = {name: len(cases) for name, cases in self._split_cases.items()}
-        wanted = {"train": True, "val": self.val_fraction > 0, "test": self.test_fraction > 0 or bool(self.case_index().test)}
-        empty = [name for name in SPLITS if wanted[name] and counts[name] == 0]
-        if empty:
-            total = len(self.case_index().cases)
+        official_test = bool(self.case_index().test)
+        if required is None:
+            wanted = {"train": True, "val": self.val_fraction > 0, "test": self.test_fraction > 0 or official_test}
+            required = [name for name in SPLITS if wanted[name]]
+        empty = [name for name in SPLITS if name in required and counts[name] == 0]
+        if not empty:
+            return
+        total = len(self.case_index().cases)
+        gave = (
+            f"task.data.val_fraction={self.val_fraction}, task.data.test_fraction={self.test_fraction} gave "
+            f"train {counts['train']}, val {counts['val']}, test {counts['test']}"
+        )
+        carved = [name for name in ("train", "val", "test") if name in required and not (name == "test" and official_test)]
+        if total < len(carved):
             raise DataError(
-                f"{self.root} has {total} labelled training case(s), too few for a {'/'.join(empty)} split "
-                f"(task.data.val_fraction={self.val_fraction}, task.data.test_fraction={self.test_fraction} gave "
-                f"train {counts['train']}, val {counts['val']}, test {counts['test']}); add cases, or raise the fractions "
-                "so each split gets at least one case (to only score a model on a few cases, use vpt-evaluate split=all)."
+                f"{self.root} has {total} labelled training case(s), but a run needs one for each of the "
+                f"{'/'.join(carved)} splits ({len(carved)}); add cases (to only score a trained model on these, use "
+                "vpt-evaluate split=all)."
             )
+        name = empty[0]
+        if name == "train":
+            raise DataError(
+                f"The train split of {self.root} has no cases ({gave}); lower task.data.val_fraction and "
+                "task.data.test_fraction so that they leave training cases."
+            )
+        fraction = self.val_fraction if name == "val" else self.test_fraction
+        key = f"task.data.{name}_fraction"
+        why = "every epoch is validated on it" if name == "val" else "every run ends with a test on it"
+        if fraction <= 0:
+            raise DataError(
+                f"{key}={fraction} leaves the {name} split of {self.root} empty, but {why}; set {key} to at least "
+                f"{1 / total:.2g} ({total} cases)."
+            )
+        raise DataError(
+            f"The {name} split of {self.root} has no cases ({gave}); raise {key} to at least {1 / total:.2g} "
+            f"({total} cases) or add cases."
+        )
 
     def cases(self, split: str) -> list[Case]:
         """The cases of one split after ``setup()``.
@@ -648,10 +704,10 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             return self.window  # type: ignore[return-value]
         modality = dataset_modality(self.root)
         if modality is not None and modality.strip().upper() == "CT":
-            _logger.info("%s: dataset.json says CT; windowing to %s HU (set task.data.window to change).", self.root, ABDOMEN_WINDOW)
+            log_setup(_logger, logging.INFO, "%s: dataset.json says CT; windowing to %s HU (set task.data.window to change).", self.root, ABDOMEN_WINDOW)
             return ABDOMEN_WINDOW
-        _logger.info(
-            "%s: dataset.json says %s; scaling each volume by its 0.5/99.5 percentiles (task.data.window=[low,high] "
+        log_setup(
+            _logger, logging.INFO, "%s: dataset.json says %s; scaling each volume by its 0.5/99.5 percentiles (task.data.window=[low,high] "
             "to window instead).", self.root, modality or "no modality",
         )
         return None
@@ -662,7 +718,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             intensity = self.case_index().intensity
             window = self.resolved_window()
             if intensity == "unit" and window is not None:
-                _logger.info("%s images are already in [0, 1]; the CT window %s is not applied.", self.root, window)
+                log_setup(_logger, logging.INFO, "%s images are already in [0, 1]; the CT window %s is not applied.", self.root, window)
             self._unit_intensity = _UnitIntensity(intensity, window)
         return self._unit_intensity
 
@@ -686,7 +742,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             self._volume_cache = VolumeCache(
                 resolve_cache_dir(self.cache_dir, self.root), settings, _CasePreprocessor(intensity, num_classes)
             )
-            _logger.info("%s: preprocessed cases are cached in %s.", self.root, self._volume_cache.folder)
+            log_setup(_logger, logging.INFO, "%s: preprocessed cases are cached in %s.", self.root, self._volume_cache.folder)
         return self._volume_cache
 
     def _select_slices(self, foreground: np.ndarray, case_id: str) -> np.ndarray:

@@ -3,7 +3,8 @@
 
 :func:`find_cases` and :func:`load_case` raise on the first bad case, which is right at the
 start of a run but makes fixing a data set a loop of one error per attempt.
-:func:`check_dataset` walks the folder itself and returns every :class:`Problem`.
+:func:`check_dataset` walks the folder itself and returns every :class:`Problem`;
+:func:`examine_dataset` also says how many cases it checked.
 
 What is checked depends on the layout (see :mod:`vpt.data.medical.layouts`):
 
@@ -68,7 +69,7 @@ from vpt.data.medical.layouts import (
 )
 from vpt.errors import DataError
 
-__all__ = ["LEVELS", "PROBLEM_LEVELS", "Problem", "check_dataset"]
+__all__ = ["LEVELS", "PROBLEM_LEVELS", "DatasetCheck", "Problem", "check_dataset", "examine_dataset"]
 
 _logger = logging.getLogger(__name__)
 
@@ -125,12 +126,30 @@ class Problem:
     level: str = "error"
 
 
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What :func:`examine_dataset` found.
+
+    Attributes:
+        layout: The layout the folder was checked as.
+        cases: How many cases (training and test, labelled or not) were checked.
+        problems: As :func:`check_dataset` returns them.
+    """
+
+    layout: str
+    cases: int
+    problems: list[Problem]
+
+
 class _Findings:
-    """The problems found so far; paths are stored relative to the data set folder."""
+    """The problems found so far, and the cases looked at; paths are stored relative to the
+    data set folder."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.problems: list[Problem] = []
+        # (split or folder, case id): the same id in a training and a test folder is two cases.
+        self.cases: set[tuple[str, str]] = set()
 
     def relative(self, path: Path) -> str:
         try:
@@ -144,7 +163,7 @@ class _Findings:
 
 
 def check_dataset(root: str | Path, layout: str = "auto", read_values: bool = True) -> list[Problem]:
-    """List every problem of a data set folder.
+    """List every problem of a data set folder (:func:`examine_dataset`'s problems).
 
     Args:
         root: The data set folder.
@@ -158,6 +177,24 @@ def check_dataset(root: str | Path, layout: str = "auto", read_values: bool = Tr
     Raises:
         DataError: The folder does not exist, matches no layout, or ``layout`` is unknown.
     """
+    return examine_dataset(root, layout, read_values).problems
+
+
+def examine_dataset(root: str | Path, layout: str = "auto", read_values: bool = True) -> DatasetCheck:
+    """Check a data set folder: every problem, and how many cases were checked.
+
+    Args:
+        root: The data set folder.
+        layout: One of ``LAYOUTS``, or ``"auto"`` to detect it as :func:`find_cases` does.
+        read_values: See :func:`check_dataset`.
+
+    Returns:
+        The layout, the number of cases checked (each case id of each folder pair, labelled
+        or not, with problems or not) and the problems.
+
+    Raises:
+        DataError: As :func:`check_dataset`.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"Data folder {root} does not exist; pass the folder of a data set laid out as in {_README}.")
@@ -170,8 +207,10 @@ def check_dataset(root: str | Path, layout: str = "auto", read_values: bool = Tr
     checker(root, findings, read_values)
     problems = sorted(findings.problems, key=lambda problem: (problem.case is not None, problem.case or ""))
     errors = sum(problem.level == "error" for problem in problems)
-    _logger.info("%s (%s layout): %d errors, %d warnings.", root, layout, errors, len(problems) - errors)
-    return problems
+    _logger.info(
+        "%s (%s layout): %d cases, %d errors, %d warnings.", root, layout, len(findings.cases), errors, len(problems) - errors
+    )
+    return DatasetCheck(layout, len(findings.cases), problems)
 
 
 # -- shared helpers -------------------------------------------------------------------------
@@ -245,6 +284,14 @@ def _read_dataset_json(root: Path, findings: _Findings, required: bool) -> _Data
         label_indices = _declared_indices(data["labels"])
     except DataError as error:
         findings.add("invalid_dataset_json", str(error), path=path)
+        labels = data.get("labels")
+        if isinstance(labels, dict) and len(labels) == 1:
+            # Background only: still check the label files against it, so the values they hold are named.
+            try:
+                declared = _declared_indices(labels)
+            except (TypeError, ValueError):
+                declared = frozenset()
+            label_indices = declared if declared == frozenset({0}) else None
     channels = None
     # nnU-Net v2 names channels "channel_names", the Decathlon "modality"; both {"0": "CT"}.
     channel_key = "channel_names" if "channel_names" in data else "modality" if "modality" in data else None
@@ -431,6 +478,7 @@ def _check_nnunet(root: Path, findings: _Findings, read_values: bool) -> None:
             label_indices=spec.label_indices,
         )
         for case_id in sorted(cases):
+            findings.cases.add((name, case_id))
             _check_volume_case(root, findings, split, case_id, cases[case_id], read_values)
 
 
@@ -712,6 +760,7 @@ def _check_folder2d(root: Path, findings: _Findings, read_values: bool) -> None:
     if images_dir.is_dir() and not images:
         findings.add("no_cases", f"{images_dir} holds no images; add them as described in {_README}.", path=images_dir)
     for name in sorted(set(images) | set(masks)):
+        findings.cases.add(("images", name))
         for found in (images[name], masks[name]):
             if len(found) > 1:
                 findings.add(
@@ -770,6 +819,10 @@ def _check_folder2d(root: Path, findings: _Findings, read_values: bool) -> None:
 # -- Synapse (TransUNet npz / h5) -----------------------------------------------------------
 
 
+def _h5_case_id(path: Path) -> str:
+    return re.sub(r"(\.npy)?\.(h5|hdf5)$", "", path.name)  # as find_cases names them
+
+
 def _check_synapse(root: Path, findings: _Findings, read_values: bool) -> None:
     declared = frozenset(range(len(SYNAPSE_CLASS_NAMES)))
     source = "Synapse's 9 classes"  # no dataset.json: TransUNet's fixed organ list
@@ -802,6 +855,8 @@ def _check_synapse(root: Path, findings: _Findings, read_values: bool) -> None:
             f"Synapse data folder {root} has no train_npz/*.npz or test_vol_h5/*.h5 files; add TransUNet's "
             f"preprocessed files as described in {_README}.",
         )
+    findings.cases.update(("train_npz", case_id) for case_id in slices)
+    findings.cases.update(("test_vol_h5", _h5_case_id(path)) for path in volumes)
     for case_id in sorted(slices):
         by_number = slices[case_id]
         for number in sorted(by_number):
@@ -819,7 +874,7 @@ def _check_synapse(root: Path, findings: _Findings, read_values: bool) -> None:
     if not read_values:
         return
     for path in volumes:
-        case_id = re.sub(r"(\.npy)?\.(h5|hdf5)$", "", path.name)  # as find_cases names them
+        case_id = _h5_case_id(path)
         try:
             image, label = read_h5_volume(path)
         except DataError as error:

@@ -29,6 +29,7 @@ __all__ = [
     "VolumeGeometry",
     "volume_suffix",
     "check_finite",
+    "check_volume_complete",
     "read_volume",
     "read_volume_with_geometry",
     "read_volume_geometry",
@@ -98,6 +99,53 @@ def check_finite(image: np.ndarray, path: str | Path, case_id: str) -> None:
         f"Case {case_id}: image {path} holds {count} non-finite voxel(s) (NaN or inf, the first at index {first}); "
         "replace them with a finite value such as the background intensity, or remove the case from the data set."
     )
+
+
+def check_volume_complete(path: str | Path) -> None:
+    """Refuse a NIfTI file whose voxel data ends early.
+
+    ITK fills the missing part of a truncated NIfTI file (``.nii`` or ``.nii.gz``) with
+    zeros and reports nothing, so a half-copied scan would be segmented as a half-empty
+    volume. The header says how many bytes the voxels take; the file (decompressed for
+    ``.nii.gz``, in one streaming pass) must hold them. Other formats are checked by their
+    readers (ITK raises for short NRRD and MetaImage data).
+
+    Raises:
+        DataError: The file is shorter than its header says, or its gzip stream is broken.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix not in _NIFTI_SUFFIXES:
+        return
+    try:
+        import nibabel as nib
+
+        image = nib.load(str(path))
+        needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * np.dtype(image.get_data_dtype()).itemsize
+        if suffix == ".nii":
+            present = path.stat().st_size
+        else:
+            present = 0
+            with gzip.open(path, "rb") as stream:
+                while present < needed:
+                    chunk = stream.read(1 << 22)
+                    if not chunk:
+                        break
+                    present += len(chunk)
+    except (EOFError, OSError, zlib.error) as error:
+        raise DataError(
+            f"Volume {path} is truncated or corrupt ({error}); replace it with an intact copy."
+        ) from None
+    except Exception as error:  # nibabel raises many types for broken headers
+        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from None
+    if present < needed:
+        raise DataError(
+            f"Volume {path} is truncated: its header needs {needed:,} bytes of voxels, the file holds {present:,}; "
+            "replace it with an intact copy."
+        )
 
 
 def volume_suffix(path: str | Path) -> str | None:
@@ -189,6 +237,7 @@ def read_volume_with_geometry(path: str | Path, label: bool = False) -> tuple[np
         DataError: The file is missing, unreadable, not 3D, or has another suffix.
     """
     path = _existing_volume(path)
+    check_volume_complete(path)
     try:
         if volume_suffix(path) in _NIFTI_SUFFIXES:
             array, geometry = _read_nifti(path, label)
@@ -328,8 +377,11 @@ def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, _Placement]:
 def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] | None = None) -> Path:
     """Write a ``(D, H, W)`` volume so that :func:`read_volume` reads back the same array.
 
-    NIfTI files get an axis-aligned affine with the spacing on its diagonal (no orientation
-    is claimed beyond that); NRRD/MHA/MHD files get an identity direction.
+    Every format claims the same orientation, ITK's identity direction (DICOM's axial
+    default): row 0 anterior, column 0 the patient's right, slices towards the head. NRRD/
+    MHA/MHD files get the identity direction, NIfTI files the same axes in RAS (``diag(-x,
+    -y, z)`` with the spacing), so pictures (:mod:`vpt.data.medical.orientation`) show an
+    array written here as it was drawn, whatever the format.
 
     Args:
         path: Output file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` or ``.mhd``); the
@@ -352,7 +404,7 @@ def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] |
     if suffix in _NIFTI_SUFFIXES:
         import nibabel as nib
 
-        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), np.diag([x, y, z, 1.0]))
+        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), np.diag([-x, -y, z, 1.0]))
         image.header.set_xyzt_units("mm")
         nib.save(image, str(path))
     else:

@@ -52,6 +52,7 @@ from vpt.data.medical.io import (
     volume_suffix,
 )
 from vpt.errors import DataError
+from vpt.messages import log_setup
 
 __all__ = [
     "LAYOUTS",
@@ -222,8 +223,8 @@ def find_cases(root: str | Path, layout: str = "auto") -> CaseIndex:
     index = scanner(root)
     if not index.cases and not index.test:
         raise DataError(f"Data folder {root} holds no labelled cases; add cases laid out as described in {_README}.")
-    _logger.info(
-        "%s (%s layout): %d labelled cases, %d official test cases, %d unlabelled.",
+    log_setup(
+        _logger, logging.INFO, "%s (%s layout): %d labelled cases, %d official test cases, %d unlabelled.",
         root, layout, len(index.cases), len(index.test), len(index.unlabeled),
     )
     return index
@@ -285,6 +286,13 @@ def class_names_from_dataset_json(path: str | Path) -> tuple[str, ...]:
         by_index[index] = name
     if 0 not in by_index:
         raise DataError(f"{path} has no label 0; add the background as label 0.")
+    if len(by_index) == 1:
+        # Said here, from the data, rather than later as an invalid class count the user never set.
+        raise DataError(
+            f"{path} declares only the background ('labels': {labels}); add each foreground class the label "
+            f"files hold, like {{\"background\": 0, \"lesion\": 1}} (vpt-check-data {path.parent} lists the "
+            "values the labels hold)."
+        )
     size = max(by_index) + 1
     gaps = [index for index in range(size) if index not in by_index]
     if gaps:
