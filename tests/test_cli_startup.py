@@ -70,6 +70,30 @@ def test_help_and_argument_errors_leave_the_heavy_stack_out(module: str, case: s
     assert list(tmp_path.iterdir()) == [], "nothing is written"
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["trainer.max_epochs=1", "method=vpt_dep"], ["method=vpt_dep", "did you mean method=vpt_deep?"]),
+        (["task=volume_seg", "task.data.rooot=/x"], ["task.data.rooot", "did you mean task.data.root?"]),
+        (["-m", "method=vpt_deep,lora", "task=volum_seg"], ["did you mean task=volume_seg?"]),
+    ],
+)
+def test_config_mistakes_are_one_sentence_before_torch_loads(args: list[str], words: list[str], tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        f"sys.argv = ['vpt-train', *{args!r}]\n"
+        "from vpt.cli.train import main\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    code = stop.code\nelse:\n    code = 0\n"
+        f"print('EXIT', code, [m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    result = _python(code, tmp_path)
+    assert result.stdout.strip().splitlines()[-1] == "EXIT 2 []", result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vpt: error:")]
+    assert len(errors) == 1 and all(word in errors[0] for word in words), result.stderr[-2000:]
+    assert "+task" not in result.stderr and "+method" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
 def _console_script(tool: str) -> list[str]:
     installed = Path(sys.executable).parent / tool
     return [str(installed)] if installed.is_file() else [sys.executable, "-m", SCRIPTS[tool].split(":", 1)[0]]

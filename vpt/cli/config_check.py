@@ -83,17 +83,9 @@ def _first_of_sweeps(overrides: Sequence[str]) -> Optional[list[str]]:
 
 
 def _extra_candidates(key: str) -> list[str]:
-    """Keys the rewrite in ``vpt.cli.train.trainer_overrides`` adds on demand."""
+    """Keys ``trainer.X`` / ``method.X`` may name beyond the composed config."""
     head = key.lstrip("+").split(".", 1)[0]
-    if head == "trainer":
-        from vpt.training import TRAINER_ARGUMENTS
-
-        return [f"trainer.{name}" for name in TRAINER_ARGUMENTS]
-    if head == "method":
-        from vpt.methods.registry import _known_options
-
-        return [f"method.{name}" for name in _known_options()]
-    return []
+    return [f"{head}.{name}" for name in sorted(_known_names(head))]
 
 
 def _unknown_key_sentence(key: str, overrides: Sequence[str], config_name: str, tool: str) -> str:
@@ -119,15 +111,50 @@ def _missing_option_sentence(error: Exception) -> Optional[str]:
         return None
     choices = sorted(str(option) for option in options)
     guess = closest(name, choices)
-    hint = f"did you mean {group}={guess}? " if guess else ""
-    return f"{group}={name} is not a {group} config; {hint}The {group} configs are: {', '.join(choices)}."
+    listed = f"the {group} configs are: {', '.join(choices)}."
+    advice = f"did you mean {group}={guess}? {listed[0].upper()}{listed[1:]}" if guess else listed
+    return f"{group}={name} is not a {group} config; {advice}"
 
 
-def check_overrides(argv: Sequence[str], config_name: str = "train", tool: str = "vpt-train") -> None:
+def _known_names(head: str) -> frozenset[str]:
+    """The Trainer arguments or method options ``trainer.X`` / ``method.X`` may name
+    (imports torch: asked only when a key is not in the composed config)."""
+    if head == "trainer":
+        from vpt.training import TRAINER_ARGUMENTS
+
+        return frozenset(TRAINER_ARGUMENTS)
+    if head == "method":
+        from vpt.methods.registry import _known_options
+
+        return frozenset(_known_options())
+    return frozenset()
+
+
+def _failing_key(error: Exception, job: Sequence[str]) -> Optional[str]:
+    text = f"{error} {getattr(error, '__cause__', '') or ''}"
+    for pattern in _KEY_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            key = match.group(1)
+            if "." not in key:  # "Key 'rooot' is not in struct" names the leaf only
+                key = next((a.split("=", 1)[0].lstrip("+~") for a in job if a.split("=", 1)[0].endswith("." + key)), key)
+            return key
+    return None
+
+
+def check_overrides(argv: Sequence[str], config_name: str = "train", tool: str = "vpt-train") -> list[str]:
     """Compose the config with the command line's overrides; refuse a mistake in one sentence.
 
-    Only plain ``key=value`` command lines (and ``-m`` sweeps of ``a,b`` values) are checked;
-    anything with other Hydra flags (``--help``, ``--cfg``, ``-cp``) is left to Hydra.
+    ``trainer.X=V`` may name any ``lightning.Trainer`` argument and ``method.X=V`` any
+    method's option, listed in the config or not: one the composed config lacks is rewritten
+    ``++trainer.X=V`` (add or override), which Hydra accepts.
+
+    Only plain ``key=value`` command lines (and ``-m`` sweeps of ``a,b`` values: their first
+    job is composed) are checked; anything with other Hydra flags (``--help``, ``--cfg``,
+    ``-cp``) is returned unchanged for Hydra.
+
+    Returns:
+        ``argv`` with the ``++`` rewrites.
 
     Raises:
         ConfigError: an unknown key (with the closest valid one), an unknown config name in
@@ -135,30 +162,34 @@ def check_overrides(argv: Sequence[str], config_name: str = "train", tool: str =
     """
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
-    overrides = [arg for arg in argv if arg not in _MULTIRUN_FLAGS]
-    if any(arg.startswith("-") for arg in overrides) or not all("=" in arg for arg in overrides):
-        return
-    try:
-        job = _first_of_sweeps(overrides)
-    except OverrideParseException as error:
-        raise ConfigError(f"Cannot read the command line ({str(error).splitlines()[0]}); write each setting as key=value.") from None
-    if job is None:
-        return
-    try:
-        _compose(job, config_name)
-    except MissingConfigException as error:
-        sentence = _missing_option_sentence(error)
-        if sentence is None:
-            raise ConfigError(f"{str(error).splitlines()[0]}; check the config names on the command line.") from None
-        raise ConfigError(sentence) from None
-    except (ConfigCompositionException, OverrideParseException) as error:
-        text = f"{error} {getattr(error, '__cause__', '') or ''}"
-        for pattern in _KEY_PATTERNS:
-            match = pattern.search(text)
-            if match:
-                key = match.group(1)
-                if "." not in key:  # "Key 'rooot' is not in struct" names the leaf only
-                    full = next((a.split("=", 1)[0].lstrip("+~") for a in job if a.split("=", 1)[0].endswith("." + key)), key)
-                    key = full
-                raise ConfigError(_unknown_key_sentence(key, job, config_name, tool) + ".") from None
-        raise ConfigError(f"{str(error).splitlines()[0]}; check the command line's key=value settings.") from None
+    argv = list(argv)
+    positions = [index for index, arg in enumerate(argv) if arg not in _MULTIRUN_FLAGS]
+    if any(argv[i].startswith("-") or "=" not in argv[i] for i in positions):
+        return argv
+    for _ in range(len(positions) + 1):
+        overrides = [argv[i] for i in positions]
+        try:
+            job = _first_of_sweeps(overrides)
+        except OverrideParseException as error:
+            raise ConfigError(f"Cannot read the command line ({str(error).splitlines()[0]}); write each setting as key=value.") from None
+        if job is None:
+            return argv
+        try:
+            _compose(job, config_name)
+            return argv
+        except MissingConfigException as error:
+            sentence = _missing_option_sentence(error)
+            if sentence is None:
+                raise ConfigError(f"{str(error).splitlines()[0]}; check the config names on the command line.") from None
+            raise ConfigError(sentence) from None
+        except (ConfigCompositionException, OverrideParseException) as error:
+            key = _failing_key(error, job)
+            if key is None:
+                raise ConfigError(f"{str(error).splitlines()[0]}; check the command line's key=value settings.") from None
+            head, _, leaf = key.partition(".")
+            index = next((i for i in positions if argv[i].split("=", 1)[0].lstrip("+") == key), None)
+            if index is not None and not argv[index].startswith("++") and leaf in _known_names(head):
+                argv[index] = "++" + argv[index].lstrip("+")
+                continue
+            raise ConfigError(_unknown_key_sentence(key, job, config_name, tool) + ".") from None
+    return argv

@@ -274,17 +274,23 @@ def trainer_overrides(argv: Sequence[str]) -> list[str]:
 
 
 @exit_on_user_error
-def _check_command_line(argv: Sequence[str]) -> None:
+def _check_command_line(argv: Sequence[str]) -> list[str]:
     from vpt.cli.config_check import check_overrides
 
-    check_overrides(argv)
+    return check_overrides(argv)
 
 
 def main() -> None:
     """Console entry point (``vpt-train``)."""
-    sys.argv[1:] = trainer_overrides(sys.argv[1:])
-    # A mistyped key or config name is said here in one sentence (Hydra would advise +key=).
-    _check_command_line(sys.argv[1:])
+    argv = sys.argv[1:]
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        # Each job of a sweep composes its own config: rewrite every Trainer argument and
+        # method option up front (the first job composing says nothing of the others).
+        argv = trainer_overrides(argv)
+    # A mistyped key or config name is said here in one sentence (Hydra would advise +key=);
+    # a Trainer argument or method option the config lacks becomes ++key= (imports torch
+    # only then, so argument errors stay quick).
+    sys.argv[1:] = _check_command_line(argv)
     quiet_console()
     _hydra_entry()
 
