@@ -54,9 +54,12 @@ PROMPT_TOKENS = 50  # VPT-deep's usual count (the paper's best for many VTAB tas
 
 @dataclass(frozen=True)
 class Contender:
-    backbone: str  # vit_b | sam_vit_b
+    backbone: str  # vit_b | sam_vit_b | sam2_hiera_b_plus
     method: str  # a method name, or a reference: naive_concat | segment_anything | bias_attention
     dtype: str
+
+
+HIERA = "sam2_hiera_b_plus"  # SAM2.1 Hiera-B+ at 1024 px (timm's HieraDet), batch --sam-batch
 
 
 def _rss_bytes() -> int:
@@ -79,6 +82,29 @@ def _sam_encoder(tiny: bool) -> nn.Module:
     return sam.image_encoder
 
 
+def _hiera(tiny: bool) -> nn.Module:
+    import timm
+
+    if tiny:
+        return timm.create_model(
+            "sam2_hiera_tiny", pretrained=False, embed_dim=16, num_heads=1, stages=(1, 2, 2, 2), q_pool=3,
+            window_spec=(4, 4, 2, 3), global_att_blocks=(4,), global_pos_size=(4, 4),
+        )
+    return timm.create_model("sam2_hiera_base_plus", pretrained=False)
+
+
+class _HieraWithHead(nn.Module):
+    """A prompted Hiera's last stage (B, C, H/32, W/32) -> a 1x1 conv, as the SAM rows."""
+
+    def __init__(self, encoder: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Conv2d(channels, 8, kernel_size=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images))
+
+
 def _options(method: str) -> dict:
     return {"num_tokens": PROMPT_TOKENS} if method in ("vpt_deep", "vpt_shallow") else {}
 
@@ -98,6 +124,11 @@ def build(contender: Contender, tiny: bool) -> tuple[nn.Module, tuple[int, int],
     from vpt.methods import apply_method, build_method
     from vpt.prompts import PromptedSamEncoder, PromptedViT
 
+    if contender.backbone == HIERA:
+        hiera = _hiera(tiny)
+        size = (64, 64) if tiny else (1024, 1024)
+        channels = hiera.feature_info[-1]["num_chs"]
+        return _HieraWithHead(apply_method(hiera, contender.method, **_options(contender.method)), channels), size, False
     if contender.backbone == "vit_b":
         vit = _vit(tiny)
         size = vit.patch_embed.img_size
@@ -326,7 +357,7 @@ def report(samples: dict[Contender, list[dict]], inference, peaks: dict[str, flo
         f"### {_machine(device)}",
         "",
         f"`{' '.join(['python', 'scripts/benchmark.py', *sys.argv[1:]])}` — torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
-        f"Random init, real sizes; ViT-B/16 at 224 px batch {args.vit_batch}, SAM ViT-B at 1024 px batch {args.sam_batch}"
+        f"Random init, real sizes; ViT-B/16 at 224 px batch {args.vit_batch}, SAM ViT-B and SAM2.1 Hiera-B+ at 1024 px batch {args.sam_batch}"
         + (" (--tiny: small stand-ins, not real sizes)" if args.tiny else "")
         + f"; {args.repeats} interleaved repeats of {args.steps} steps; median (min-max). Memory: {memory}.",
         "Matmul peak measured here: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()) + ".",
@@ -396,12 +427,12 @@ def write_section(path: Path, key: str, body: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbones", nargs="+", default=["vit_b", "sam_vit_b"], choices=["vit_b", "sam_vit_b"])
+    parser.add_argument("--backbones", nargs="+", default=["vit_b", "sam_vit_b", HIERA], choices=["vit_b", "sam_vit_b", HIERA])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--no-references", action="store_true", help="skip the naive / segment-anything / dense-bias rows")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES), help="default: fp32 on CPU, fp32 bf16 on CUDA")
     parser.add_argument("--vit-batch", type=int, default=None, help="default 8 on CPU, 128 on CUDA")
-    parser.add_argument("--sam-batch", type=int, default=None, help="default 1 on CPU, 4 on CUDA")
+    parser.add_argument("--sam-batch", type=int, default=None, help="default 1 on CPU, 4 on CUDA (SAM and Hiera-B+ at 1024 px)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 1 on CPU, 5 on CUDA)")
     parser.add_argument("--inference-dtype", default=None, choices=list(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
@@ -429,10 +460,11 @@ def main() -> None:
     contenders = []
     for backbone in args.backbones:
         for dtype in args.dtypes:
-            if not args.no_references:
+            if not args.no_references and backbone != HIERA:  # Hiera's reference is timm's HieraDet: the linear row
                 references = ["naive_concat"] if backbone == "vit_b" else ["segment_anything", "bias_attention"]
                 contenders += [Contender(backbone, name, dtype) for name in references]
-            contenders += [Contender(backbone, method, dtype) for method in args.methods]
+            # vpt_shallow has no definition in Hiera's pooled stages (refused).
+            contenders += [Contender(backbone, method, dtype) for method in args.methods if not (backbone == HIERA and method == "vpt_shallow")]
     device = torch.device(args.device)
     peaks = {name: matmul_peak(device, DTYPES[name], args.tiny) for name in sorted(set(args.dtypes) | {args.inference_dtype})}
     print(f"{_machine(device)}; matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()), flush=True)

@@ -250,7 +250,7 @@ def test_short_run_writes_interactive_metrics(tmp_path: Path, one_thread: None) 
 
 def test_timm_models_are_refused() -> None:
     cfg = compose_config(["model=vit_micro", "task=organ_seg_interactive_synthetic"])
-    with pytest.raises(ConfigError, match="interactive prompts need a SAM model, e.g. model=sam_vit_b"):
+    with pytest.raises(ConfigError, match="cannot be used for interactive segmentation; pick e.g. model=sam_vit_b"):
         build_task(cfg)
 
 

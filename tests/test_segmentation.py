@@ -127,7 +127,7 @@ def test_missing_synapse_folder_points_to_the_readme_and_the_phantoms(tmp_path: 
 
 
 def test_classification_refuses_a_sam_model(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="timm ViT"):
+    with pytest.raises(ConfigError, match="sam model and cannot be used for classification; pick e.g. model=vit_b"):
         train(compose_config(["model=sam_tiny", "task=shapes"]), run_dir=tmp_path / "run")
 
 

@@ -77,36 +77,47 @@ class MultiLevelDecoder(nn.Module):
     """Several blocks' patch grids + the image -> class logits at the input resolution.
 
     Args:
-        embed_dim: Token width of the encoder.
+        embed_dim: Token width of the encoder, or one width per level (a hierarchical
+            encoder such as Hiera widens stage by stage).
         num_classes: Classes including background.
         blocks: The block indices read (see :func:`evenly_spaced_blocks`); the first is
-            upsampled most, the last downsampled once.
+            upsampled most, the last downsampled once. For a hierarchical encoder: the stages.
         hidden_dim: Channels of the pyramid.
         stem_dim: Channels of the full-resolution image stem (and of the final layer).
         in_chans: Channels of the input image.
         image_stem: Join the full-resolution convolutional stem on the image before the
             last layer. Without it the logits come from the encoder's grids alone
             (upsampled), so the decoder cannot segment from intensities by itself.
+        scales: How much each level's grid is resized before fusing; by default DPT's 4x,
+            2x, 1x, 1/2 of a plain ViT's single grid. A hierarchical encoder's stage grids
+            (strides 4/8/16/32) are a pyramid already: pass 1 for each.
     """
 
     def __init__(
         self,
-        embed_dim: int,
+        embed_dim: int | Sequence[int],
         num_classes: int,
         blocks: Sequence[int],
         hidden_dim: int = 128,
         stem_dim: int = 32,
         in_chans: int = 3,
         image_stem: bool = True,
+        scales: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.blocks = [int(index) for index in blocks]
         if not self.blocks:
             raise ConfigError("The multi-level decoder needs at least one block; set task.decoder_levels >= 1.")
         levels = len(self.blocks)
-        # Four levels: 4x, 2x, 1x and 1/2 the patch grid, as DPT reassembles ViT-B.
-        scales = [2.0 ** (levels - 2 - level) for level in range(levels)] if levels > 1 else [1.0]
-        self.reassemble = nn.ModuleList(_Reassemble(embed_dim, hidden_dim, scale) for scale in scales)
+        if scales is None:
+            # Four levels: 4x, 2x, 1x and 1/2 the patch grid, as DPT reassembles ViT-B.
+            scales = [2.0 ** (levels - 2 - level) for level in range(levels)] if levels > 1 else [1.0]
+        widths = [int(embed_dim)] * levels if isinstance(embed_dim, int) else [int(width) for width in embed_dim]
+        if len(widths) != levels or len(scales) != levels:
+            raise ConfigError(f"The decoder reads {levels} levels but got {len(widths)} widths and {len(scales)} scales.")
+        self.reassemble = nn.ModuleList(
+            _Reassemble(width, hidden_dim, float(scale)) for width, scale in zip(widths, scales)
+        )
         self.fuse = nn.ModuleList(_conv_unit(hidden_dim, hidden_dim) for _ in range(levels - 1))
         self.squeeze = nn.Conv2d(hidden_dim, stem_dim, kernel_size=1)
         self.stem = nn.Sequential(_conv_unit(in_chans, stem_dim), _conv_unit(stem_dim, stem_dim)) if image_stem else None

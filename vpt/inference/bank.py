@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from vpt.errors import CheckpointError, ConfigError
-from vpt.prompts.sam import PromptedSamEncoder
 from vpt.prompts.vit import PromptedViT
 
 __all__ = ["PromptBank", "PromptTask"]
@@ -65,10 +64,12 @@ class PromptBank(nn.Module):
 
     def __init__(self, encoder: PromptedViT, tasks: Sequence[PromptTask]) -> None:
         super().__init__()
-        if isinstance(encoder, PromptedSamEncoder):
+        from vpt.families import family_of
+
+        if not family_of(encoder).supports("classification"):
             raise ConfigError(
-                "PromptBank serves classification prompts on timm ViTs only; SAM encoders are not supported, "
-                "run each SAM prompt file with its own model."
+                f"PromptBank serves classification prompts; {family_of(encoder).name} encoders do not classify, "
+                "run each of their prompt files with its own model."
             )
         if not isinstance(encoder, PromptedViT) or encoder.num_tokens == 0:
             raise ConfigError(

@@ -217,7 +217,7 @@ def predict_bank(
         VptError: files of another backbone / method / token count, a segmentation run, an
             existing output, inputs that are not images.
     """
-    from vpt.prompts import PromptBank
+    from vpt.inference.bank import PromptBank
 
     if not output_dir:
         raise ConfigError("No output folder given; pass output=<folder> for the predictions.")

@@ -1,36 +1,24 @@
-"""One view of the two encoder families, so a method is written once for both.
+"""What methods ask of an encoder, answered by its family (:mod:`vpt.families`).
 
-timm's ``VisionTransformer`` and segment-anything's ``ImageEncoderViT`` share the shape of
-their blocks (``norm1 -> attn(qkv, proj) -> norm2 -> mlp``) but not the names of the MLP
-layers (``fc1``/``fc2`` vs ``lin1``/``lin2``) nor their wrappers. This module wraps an
-encoder in its prompt-capable module and answers the questions methods ask.
+A method is written once for every family: it wraps the encoder in the family's
+prompt-capable module, finds the blocks, and targets linears by the names the family gives
+(``fc1``/``fc2`` in timm, ``lin1``/``lin2`` in SAM, ...).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from segment_anything.modeling.image_encoder import ImageEncoderViT
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vpt.errors import ConfigError
-from vpt.prompts import PromptedSamEncoder, PromptedViT
+from vpt.families import family_of
 
 __all__ = ["wrap_encoder", "inner_encoder", "encoder_family", "encoder_blocks", "mlp_layer_names", "mark_follows_train_mode"]
 
 
 def encoder_family(encoder: nn.Module) -> str:
-    """``"timm"`` or ``"sam"`` for a raw or wrapped encoder."""
-    raw = inner_encoder(encoder) if isinstance(encoder, (PromptedViT, PromptedSamEncoder)) else encoder
-    if isinstance(raw, VisionTransformer):
-        return "timm"
-    if isinstance(raw, ImageEncoderViT):
-        return "sam"
-    raise ConfigError(
-        f"Methods apply to timm VisionTransformer and segment-anything ImageEncoderViT encoders, got "
-        f"{type(raw).__name__}; pick a model from configs/model/."
-    )
+    """The family name (``"timm"``, ``"sam"``, ...) of a raw or wrapped encoder."""
+    return family_of(encoder).name
 
 
 def wrap_encoder(
@@ -42,42 +30,33 @@ def wrap_encoder(
     backbone_eval: bool = True,
     gate: bool = False,
 ) -> nn.Module:
-    """The encoder in its prompt-capable wrapper (which freezes it).
+    """The encoder in its family's prompt-capable wrapper (which freezes it).
 
     Args:
-        encoder: timm ``VisionTransformer`` or SAM ``ImageEncoderViT``.
+        encoder: A raw encoder of a registered family.
         num_tokens, deep, dropout: Prompt settings (0 tokens: the plain encoder).
-        project_dim: Prompt projection width (timm only).
+        project_dim: Prompt projection width (where the family supports it).
         backbone_eval: Hold the encoder in eval mode while training (all but ``full``).
         gate: Zero-initialised per-head gates on deep prompts' attention.
     """
-    family = encoder_family(encoder)
-    if family == "timm":
-        return PromptedViT(
-            encoder, num_tokens, deep=deep, dropout=dropout, project_dim=project_dim, backbone_eval=backbone_eval, gate=gate
-        )
-    if project_dim is not None:
-        raise ConfigError("method.project_dim is only available for timm ViTs; set method.project_dim=null for SAM.")
-    return PromptedSamEncoder(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
+    return family_of(encoder).wrap(
+        encoder, num_tokens, deep=deep, dropout=dropout, project_dim=project_dim, backbone_eval=backbone_eval, gate=gate
+    )
 
 
 def inner_encoder(wrapped: nn.Module) -> nn.Module:
-    """The timm ViT or SAM image encoder inside a wrapper."""
-    if isinstance(wrapped, PromptedViT):
-        return wrapped.vit
-    if isinstance(wrapped, PromptedSamEncoder):
-        return wrapped.image_encoder
-    raise ConfigError(f"{type(wrapped).__name__} is not a vpt encoder wrapper.")
+    """The raw encoder inside a family's wrapper."""
+    return family_of(wrapped).inner(wrapped)
 
 
 def encoder_blocks(wrapped: nn.Module) -> list[nn.Module]:
     """The transformer blocks, first to last."""
-    return list(inner_encoder(wrapped).blocks)
+    return family_of(wrapped).blocks(wrapped)
 
 
-def mlp_layer_names(family: str) -> tuple[str, str]:
-    """Names of the two MLP linears in a block's ``mlp``: (expand, contract)."""
-    return ("fc1", "fc2") if family == "timm" else ("lin1", "lin2")
+def mlp_layer_names(encoder: nn.Module) -> tuple[str, str]:
+    """Names of the two MLP linears in a block's ``mlp`` of ``encoder``'s family: (expand, contract)."""
+    return family_of(encoder).mlp_layers
 
 
 def mark_follows_train_mode(module: nn.Module) -> None:

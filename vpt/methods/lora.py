@@ -14,6 +14,7 @@ the fused layers, so a merged model costs what the frozen encoder costs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from vpt.errors import ConfigError
-from vpt.methods.encoders import encoder_blocks, encoder_family, inner_encoder, mark_follows_train_mode, mlp_layer_names, wrap_encoder
+from vpt.methods.encoders import encoder_blocks, inner_encoder, mark_follows_train_mode, mlp_layer_names, wrap_encoder
 from vpt.methods.registry import MethodConfig, register_method
 
 __all__ = ["LoraConfig", "SplitQKV", "merge_lora"]
@@ -104,8 +105,10 @@ def _base(layer: nn.Module) -> nn.Module:
     return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
 
 
-def _target_pattern(targets: list[str], family: str) -> str:
-    fc1, fc2 = mlp_layer_names(family)
+def _target_pattern(targets: list[str], mlp_layers: tuple[str, str]) -> str:
+    """The module-name pattern of the target linears in every block; the MLP's names are
+    the family's (``fc1``/``fc2`` in timm, ``lin1``/``lin2`` in SAM, ...)."""
+    fc1, fc2 = (re.escape(name) for name in mlp_layers)
     names = {"q": r"attn\.qkv\.q", "k": r"attn\.qkv\.k", "v": r"attn\.qkv\.v", "qkv": r"attn\.qkv",
              "proj": r"attn\.proj", "fc1": rf"mlp\.{fc1}", "fc2": rf"mlp\.{fc2}"}
     return r"^blocks\.\d+\.(" + "|".join(names[t] for t in targets) + r")$"
@@ -126,7 +129,7 @@ def lora(encoder: nn.Module, config: LoraConfig) -> nn.Module:
         r=config.rank,
         lora_alpha=config.alpha if config.alpha is not None else config.rank,
         lora_dropout=config.dropout,
-        target_modules=_target_pattern(config.targets, encoder_family(model)),
+        target_modules=_target_pattern(config.targets, mlp_layer_names(model)),
         bias="none",
     )
     inject_adapter_in_model(peft_config, raw)

@@ -140,9 +140,9 @@ def applied_method(model: nn.Module) -> Optional[nn.Module]:
 def _refuse_adapted(encoder: nn.Module) -> None:
     """Methods change the encoder in place; a second one on the same encoder would stack
     silently (and prompts would not see a LoRA update), so it is refused."""
-    from vpt.prompts import PromptedSamEncoder, PromptedViT
+    from vpt.families import is_wrapped
 
-    if isinstance(encoder, (PromptedViT, PromptedSamEncoder)) or any(
+    if is_wrapped(encoder) or any(
         getattr(module, "method_name", None) is not None or type(module).__name__ in ("SplitQKV", "MlpWithAdapter")
         or hasattr(module, "lora_A")
         for module in encoder.modules()

@@ -3,6 +3,8 @@
 
 from vpt.models.build import (
     build_classifier,
+    build_classifier_encoder,
+    build_interactive,
     build_interactive_sam,
     build_prompted_sam,
     build_sam_segmenter,
@@ -21,6 +23,8 @@ __all__ = [
     "prompted_encoders",
     "VitSegmenter",
     "build_classifier",
+    "build_classifier_encoder",
+    "build_interactive",
     "build_interactive_sam",
     "build_prompted_sam",
     "build_sam_segmenter",

@@ -1,8 +1,9 @@
 """The composition root: encoder + method + head for every task, from the config.
 
-Tasks ask here for their network; this is the one place that knows the encoder families
-(timm ViT, SAM), applies the method (:func:`vpt.apply_method`) and attaches the head or
-decoder the task needs. Each builder returns the network and the input settings (size,
+Tasks ask here for their network (:func:`build_segmenter`, :func:`build_classifier_encoder`,
+:func:`build_interactive`); the config's encoder family (:mod:`vpt.families`) answers with
+its own builder, which loads the encoder, applies the method (:func:`vpt.apply_method`) and
+attaches the head or decoder the task needs. Each builder returns the network and the input settings (size,
 normalisation) the data module must use.
 """
 
@@ -14,12 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vpt.errors import ConfigError
+from vpt.families import family_named
 from vpt.heads import MultiLevelDecoder, PatchTokenDecoder, evenly_spaced_blocks, SamMulticlassDecoder, SamSingleMaskDecoder
 from vpt.methods import apply_method, build_method, options_of
 from vpt.models.segmenters import InteractiveSamSegmenter, SamSegmenter, VitSegmenter
 
 __all__ = [
     "build_vit",
+    "build_classifier_encoder",
+    "build_interactive",
     "build_classifier",
     "build_segmenter",
     "build_sam_segmenter",
@@ -61,10 +65,15 @@ def _vit_data(vit: nn.Module) -> dict[str, Any]:
 def build_vit(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The config's timm ViT (weights loaded, no method yet) and its data settings: the data
     module needs them before it can say how many classes there are."""
-    if cfg.model.get("family", "timm") != "timm":
-        raise ConfigError(f"This task needs a timm ViT backbone, got model={cfg.model.name}; pick e.g. model=vit_b.")
     vit = _create_vit(cfg)
     return vit, _vit_data(vit)
+
+
+def build_classifier_encoder(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The config's encoder for classification (its family builds it) and its data settings."""
+    family = family_named(cfg.model.get("family"))
+    family.require("classification", cfg.model.name)
+    return family.build_classifier_encoder(cfg)
 
 
 def build_classifier(cfg: DictConfig, vit: nn.Module, num_classes: int) -> nn.Module:
@@ -75,13 +84,17 @@ def build_classifier(cfg: DictConfig, vit: nn.Module, num_classes: int) -> nn.Mo
 
 
 def build_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The automatic segmentation network of the config's model family."""
-    family = cfg.model.get("family", "timm")
-    if family == "sam":
-        return build_sam_segmenter(cfg, num_classes)
-    if family == "timm":
-        return build_vit_segmenter(cfg, num_classes)
-    raise ConfigError(f"Unknown model.family {family!r}; use a model config from configs/model/.")
+    """The automatic segmentation network of the config's model family (the family builds it)."""
+    family = family_named(cfg.model.get("family"))
+    family.require("segmentation", cfg.model.name)
+    return family.build_segmenter(cfg, num_classes)
+
+
+def build_interactive(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The box / point prompted segmentation network of the config's model family."""
+    family = family_named(cfg.model.get("family"))
+    family.require("interactive_segmentation", cfg.model.name)
+    return family.build_interactive(cfg)
 
 
 def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[float, ...]]:

@@ -25,10 +25,11 @@ _logger = logging.getLogger(__name__)
 
 
 def prompted_encoders(model: nn.Module) -> list[nn.Module]:
-    """The prompted encoders (:class:`~vpt.prompts.PromptedViT`, :class:`~vpt.prompts.PromptedSamEncoder`) in ``model``."""
-    from vpt.prompts import PromptedSamEncoder, PromptedViT
+    """The prompted encoders (every family's wrapper: :class:`~vpt.prompts.PromptedViT`,
+    :class:`~vpt.prompts.PromptedSamEncoder`, ...) in ``model``."""
+    from vpt.families import is_wrapped
 
-    return [module for module in model.modules() if isinstance(module, (PromptedViT, PromptedSamEncoder))]
+    return [module for module in model.modules() if is_wrapped(module)]
 
 
 class CompiledWithFallback:

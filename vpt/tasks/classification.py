@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vpt.errors import ConfigError
 from vpt.metrics.classification import (
     CLASSIFICATION_METRIC_DEFINITIONS,
     class_support,
@@ -154,14 +153,10 @@ def _backbone_id(model_cfg: Any) -> str:
 def build_classification(cfg: DictConfig) -> TaskParts:
     """Backbone -> method -> data -> :class:`ClassificationTask` from the resolved config."""
     from vpt.data.registry import build_datamodule
-    from vpt.models import build_classifier, build_vit
+    from vpt.models import build_classifier, build_classifier_encoder
 
     model_cfg = cfg.model
-    if model_cfg.get("family", "timm") != "timm":
-        raise ConfigError(
-            f"Classification needs a timm ViT backbone, got model={model_cfg.name}; pick e.g. model=vit_b."
-        )
-    vit, data = build_vit(cfg)
+    vit, data = build_classifier_encoder(cfg)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.task.data, resolve=True), **data)
     num_classes, class_names = datamodule.num_classes, datamodule.class_names
     model = build_classifier(cfg, vit, num_classes)

@@ -373,20 +373,17 @@ class InteractiveSegmentationTask(TrainableCheckpointMixin, OptimizationMixin, L
 def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     """SAM encoder -> method -> SAM prompt encoder + mask decoder -> volume data -> task."""
     from vpt.data.registry import build_datamodule
-    from vpt.models import build_interactive_sam
+    from vpt.families import family_named
+    from vpt.models import build_interactive
 
     task_cfg = cfg.task
-    family = cfg.model.get("family", "timm")
-    if family != "sam":
-        raise ConfigError(
-            f"Model {cfg.model.name!r} is a {family} model, but interactive prompts need a SAM model, e.g. "
-            "model=sam_vit_b (use task=organ_seg for automatic segmentation with this one)."
-        )
+    family = family_named(cfg.model.get("family")).name
+    family_named(family).require("interactive_segmentation", cfg.model.name)
     prompt = str(task_cfg.get("prompt", "box"))
     if prompt not in PROMPT_KINDS:
         raise ConfigError(f"task.prompt must be one of {PROMPT_KINDS}, got {prompt!r}.")
     class_names = plan_segmentation_data(task_cfg)
-    model, data = build_interactive_sam(cfg)
+    model, data = build_interactive(cfg)
     datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=len(class_names), **data)
     geometry = getattr(datamodule, "geometry", None)
     if geometry is not None and geometry.tiled:

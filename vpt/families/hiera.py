@@ -1,0 +1,148 @@
+"""The hiera family: SAM2 / SAM2.1 / MedSAM2 image encoders' Hiera trunk, through timm's
+``HieraDet`` (``timm.models.hieradet_sam2``), prompted by :class:`~vpt.prompts.hiera.PromptedHiera`;
+the multi-level decoder on its four stage grids (strides 4/8/16/32).
+
+Model configs: ``sam2_hiera_tiny``, ``sam2_hiera_small``, ``sam2_hiera_base_plus``,
+``sam2_hiera_large``, ``medsam2`` (SAM2.1 Hiera-T at 512 px) and ``sam2_hiera_micro`` (tiny,
+random init, for tests). ``model.checkpoint=`` takes an official SAM2 / SAM2.1 / MedSAM2
+``.pt`` file (``{"model": state_dict}``, the trunk under ``image_encoder.trunk.*``, MLP layers
+``mlp.layers.0/1``), read with ``torch.load(weights_only=True)``; the neck, memory modules and
+SAM2's mask decoder are reported as not used. SAM2's own mask decoder is not wired yet (the
+``sam2`` package pulls its own Hydra configs and CUDA extension build); this family segments
+with vpt's multi-level decoder.
+
+This file plus its model configs is the whole family: nothing else in vpt knows Hiera.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from timm.models.hieradet_sam2 import HieraDet
+from torch import nn
+
+from vpt.errors import ConfigError, WeightsUnavailableError
+from vpt.families.base import EncoderFamily, register_family
+from vpt.messages import log_setup
+from vpt.prompts.hiera import PromptedHiera, hiera_checkpoint_filter
+
+__all__ = ["HieraFamily", "create_hiera", "load_hiera_checkpoint"]
+
+_logger = logging.getLogger(__name__)
+
+# timm's registered SAM2 Hiera sizes (their architecture; weights come from model.checkpoint).
+_TIMM_NAMES = ("sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large")
+
+
+def load_hiera_checkpoint(model: HieraDet, checkpoint: str) -> Any:
+    """Load an official SAM2 / SAM2.1 / MedSAM2 checkpoint's trunk into ``model``.
+
+    Returns:
+        The :class:`~vpt.backbones.LoadReport` (missing / unexpected keys are reported,
+        never dropped silently; a wrong-shaped tensor is refused naming the key).
+    """
+    from vpt.backbones.checkpoint import existing_checkpoint_path, load_weights, read_state_dict
+
+    path = existing_checkpoint_path(checkpoint)
+    state = hiera_checkpoint_filter(read_state_dict(path), model)
+    # SAM2 has no classifier: the encoder's unused head keeps its own (filled-in) tensors.
+    return load_weights(model, state, source=path)
+
+
+def create_hiera(model_cfg: DictConfig) -> HieraDet:
+    """The ``HieraDet`` of a model config: timm's architecture ``model.name`` (with
+    ``model.kwargs`` overrides), weights from ``model.checkpoint``.
+
+    Raises:
+        ConfigError: an unknown architecture name.
+        WeightsUnavailableError: ``model.pretrained`` without ``model.checkpoint`` (SAM2's
+            weights are not on the timm hub in this layout; vpt never downloads them silently).
+    """
+    import timm
+
+    name = str(model_cfg.name)
+    if name not in _TIMM_NAMES:
+        raise ConfigError(f"model.name={name} is not a SAM2 Hiera architecture; use one of {', '.join(_TIMM_NAMES)}.")
+    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+    model = timm.create_model(name, pretrained=False, **kwargs)  # type: ignore[arg-type]
+    checkpoint = model_cfg.get("checkpoint")
+    if checkpoint:
+        load_hiera_checkpoint(model, str(checkpoint))
+    elif model_cfg.get("pretrained", False):
+        raise WeightsUnavailableError(
+            f"model={model_cfg.get('config_name', name)} needs SAM2 weights; pass model.checkpoint=/path/sam2.1_hiera_*.pt "
+            "(or MedSAM2_latest.pt), or model.pretrained=false for a random-init encoder."
+        )
+    else:
+        log_setup(
+            _logger, logging.WARNING,
+            "Building %s as a random-init encoder: results will not reflect pretrained transfer; pass "
+            "model.checkpoint=... for a real run.", name,
+        )
+    return model
+
+
+class HieraFamily(EncoderFamily):
+    name = "hiera"
+    wrapper = PromptedHiera
+    tasks = ("segmentation",)
+    mlp_layers = ("fc1", "fc2")  # timm's Mlp (SAM2 names them mlp.layers.0/1; the loader renames)
+    qkv_layer = "qkv"
+    shallow_prompts = False  # the token grid is pooled between stages: no place for shallow prompts
+    prompt_projection = False
+    example_model = "sam2_hiera_tiny"
+
+    def owns(self, encoder: nn.Module) -> bool:
+        return isinstance(encoder, HieraDet)
+
+    def wrap(
+        self,
+        encoder: nn.Module,
+        num_tokens: int = 0,
+        deep: bool = True,
+        dropout: float = 0.0,
+        project_dim: Optional[int] = None,
+        backbone_eval: bool = True,
+        gate: bool = False,
+    ) -> nn.Module:
+        self.check_prompts(num_tokens, deep, project_dim)
+        return PromptedHiera(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
+
+    def inner(self, wrapped: nn.Module) -> nn.Module:
+        return wrapped.hiera
+
+    def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+        """Hiera (method applied) -> the multi-level decoder on its four stage grids."""
+        from vpt.heads import MultiLevelDecoder
+        from vpt.methods import apply_method, options_of
+        from vpt.models.segmenters import VitSegmenter
+
+        kind = str(cfg.task.get("decoder", "multilevel"))
+        if kind != "multilevel":
+            raise ConfigError(f"task.decoder={kind} reads a plain ViT's token grid; Hiera models use task.decoder=multilevel.")
+        size = cfg.model.get("img_size")
+        if not size:
+            raise ConfigError(f"model={cfg.model.name} needs model.img_size (SAM2 uses 1024, MedSAM2 512).")
+        hiera = create_hiera(cfg.model)
+        options = options_of(OmegaConf.to_container(cfg.method, resolve=True))  # type: ignore[arg-type]
+        encoder = apply_method(hiera, cfg.method.name, **options)
+        widths = [int(info["num_chs"]) for info in hiera.feature_info]
+        decoder = MultiLevelDecoder(
+            widths, num_classes, list(range(len(widths))), hidden_dim=int(cfg.task.get("decoder_dim", 128)),
+            in_chans=3, image_stem=bool(cfg.task.get("image_stem", True)), scales=[1.0] * len(widths),
+        )
+        features = str(cfg.task.get("encoder_features", "real"))
+        if features not in ("real", "zeros"):
+            raise ConfigError(f"task.encoder_features={features} is not valid; use real, or zeros (a decoder-alone control).")
+        config = hiera.pretrained_cfg or {}
+        data = {
+            "image_size": (int(size), int(size)),
+            "mean": tuple(float(v) for v in config.get("mean", (0.485, 0.456, 0.406))),
+            "std": tuple(float(v) for v in config.get("std", (0.229, 0.224, 0.225))),
+        }
+        return VitSegmenter(encoder, decoder, zero_features=features == "zeros"), data
+
+
+register_family(HieraFamily())
