@@ -301,3 +301,25 @@ def test_cli_trains_a_hiera_model_on_phantoms(method: str, tmp_path: Path) -> No
     assert "test/dice" in metrics and metrics["model_config"] == "sam2_hiera_micro"
     assert metrics["method_options"] is not None and (run_dir / "prompts.safetensors").is_file()
     assert metrics["trainable_params"] < metrics["total_params"]
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_every_wrapper_shares_the_prompted_encoder_surface(family: str) -> None:
+    from vpt.prompts import PromptedEncoder
+
+    build, _ = ENCODERS[family]
+    model = vpt.apply_method(build(), "adapter")
+    assert isinstance(model, PromptedEncoder) and family_of(model).inner(model) is model.trunk
+    model.train()
+    adapters = [m for m in model.trunk.modules() if getattr(m, "follows_train_mode", False)]
+    assert adapters and all(m.training for m in adapters), "what a method added follows train()"
+    inside_adapters = {id(s) for a in adapters for s in a.modules()}
+    frozen = [m for name, m in model.trunk.named_modules() if name and not name.startswith("head") and id(m) not in inside_adapters]
+    assert frozen and not any(m.training for m in frozen), "the frozen trunk stays in eval mode"
+    # timm's own exemptions (position embeddings, ...) under the wrapper's prefix; timm lists
+    # tokens a model may lack (reg_token), so only the prefix and one real match are asked.
+    names = {name for name, _ in model.named_parameters()}
+    exempt = model.no_weight_decay()
+    assert all(name.startswith(model.trunk_attribute + ".") for name in exempt) and exempt & names
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing and isinstance(model.compile_target, str) and hasattr(model, model.compile_target)

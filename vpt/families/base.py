@@ -87,8 +87,9 @@ class EncoderFamily:
         raise NotImplementedError
 
     def inner(self, wrapped: nn.Module) -> nn.Module:
-        """The raw encoder inside the family's wrapper."""
-        raise NotImplementedError
+        """The raw encoder inside the family's wrapper (a :class:`~vpt.prompts.base.PromptedEncoder`'s
+        ``trunk``; a wrapper of another kind overrides this)."""
+        return wrapped.trunk
 
     def blocks(self, wrapped: nn.Module) -> list[nn.Module]:
         """The transformer blocks, first to last (each with ``norm1``, ``attn.<qkv_layer>``,

@@ -110,9 +110,6 @@ class HieraFamily(EncoderFamily):
         self.check_prompts(num_tokens, deep, project_dim)
         return PromptedHiera(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
 
-    def inner(self, wrapped: nn.Module) -> nn.Module:
-        return wrapped.hiera
-
     def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
         """Hiera (method applied) -> the multi-level decoder on its four stage grids."""
         from vpt.heads import MultiLevelDecoder

@@ -41,9 +41,6 @@ class SamFamily(EncoderFamily):
         self.check_prompts(num_tokens, deep, project_dim)
         return PromptedSamEncoder(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
 
-    def inner(self, wrapped: nn.Module) -> nn.Module:
-        return wrapped.image_encoder
-
     def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
         from vpt.models.build import build_sam_segmenter
 

@@ -43,9 +43,6 @@ class TimmViTFamily(EncoderFamily):
             encoder, num_tokens, deep=deep, dropout=dropout, project_dim=project_dim, backbone_eval=backbone_eval, gate=gate
         )
 
-    def inner(self, wrapped: nn.Module) -> nn.Module:
-        return wrapped.vit
-
     def build_classifier_encoder(self, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         from vpt.models.build import build_vit
 

@@ -2,11 +2,12 @@
 
 from typing import Any
 
+from vpt.prompts.base import PromptedEncoder
 from vpt.prompts.hiera import PromptedHiera
 from vpt.prompts.sam import PromptedSamEncoder
 from vpt.prompts.vit import PromptedViT, prompt_init_bound
 
-__all__ = ["PromptedViT", "PromptedSamEncoder", "PromptedHiera", "PromptBank", "PromptTask", "prompt_init_bound"]
+__all__ = ["PromptedEncoder", "PromptedViT", "PromptedSamEncoder", "PromptedHiera", "PromptBank", "PromptTask", "prompt_init_bound"]
 
 
 def __getattr__(name: str) -> Any:

@@ -50,7 +50,8 @@ from torch.utils.checkpoint import checkpoint
 from vpt.errors import CheckpointError, ConfigError
 from vpt.prompts.attention import gated_prompt_attention
 from vpt.prompts.kept import KeptProjections
-from vpt.prompts.vit import follow_train_mode, prompt_init_bound
+from vpt.prompts.base import PromptedEncoder
+from vpt.prompts.vit import prompt_init_bound
 
 __all__ = [
     "PromptedHiera",
@@ -70,7 +71,7 @@ SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 _SAM2_IMG_SIZE = 1024
 
 
-class PromptedHiera(nn.Module):
+class PromptedHiera(PromptedEncoder):
     """A frozen timm ``HieraDet`` (SAM2 / SAM2.1 image encoder) with deep key/value prompts.
 
     With ``num_tokens == 0`` it runs timm's blocks themselves and computes exactly what
@@ -98,6 +99,8 @@ class PromptedHiera(nn.Module):
     each block's prompt keys and values (``cache_prompt_keys_values``, see
     :mod:`vpt.prompts.kept`).
     """
+
+    trunk_attribute = "hiera"
 
     def __init__(
         self,
@@ -167,24 +170,6 @@ class PromptedHiera(nn.Module):
     def stage_ends(self) -> list[int]:
         """Index of the last block of each stage."""
         return list(self.hiera.stage_ends)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        # Prompts keep weight decay, as in the reference VPT optimiser; the encoder's position
-        # embeddings are exempt as in timm (they matter when the encoder trains).
-        return {f"hiera.{name}" for name in self.hiera.no_weight_decay()}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        self.hiera.set_grad_checkpointing(enable)
-
-    def train(self, mode: bool = True) -> PromptedHiera:
-        super().train(mode)
-        if mode and self.backbone_eval:
-            self.hiera.eval()
-            follow_train_mode(self.hiera, mode)
-        return self
 
     def prompts(self, index: int, batch_size: int) -> torch.Tensor:
         """Prompt tokens of block ``index``, with dropout.

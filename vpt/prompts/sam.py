@@ -59,7 +59,8 @@ from torch.utils.checkpoint import checkpoint
 from vpt.errors import ConfigError
 from vpt.prompts.attention import gated_prompt_attention
 from vpt.prompts.kept import KeptProjections
-from vpt.prompts.vit import follow_train_mode, prompt_init_bound
+from vpt.prompts.base import PromptedEncoder
+from vpt.prompts.vit import prompt_init_bound
 
 __all__ = ["ATTENTION_FORMS", "PromptedSamEncoder"]
 
@@ -70,7 +71,7 @@ _logger = logging.getLogger(__name__)
 ATTENTION_FORMS = ("folded", "bias")
 
 
-class PromptedSamEncoder(nn.Module):
+class PromptedSamEncoder(PromptedEncoder):
     """A frozen SAM image encoder with learnable prompt tokens in the attention of every block.
 
     With ``num_tokens == 0`` it computes what ``ImageEncoderViT.forward`` computes (through
@@ -94,6 +95,8 @@ class PromptedSamEncoder(nn.Module):
             :func:`~vpt.prompts.attention.gated_prompt_attention`): at step 0 the encoder
             equals the frozen one exactly. False keeps the paper's joint softmax.
     """
+
+    trunk_attribute = "image_encoder"
 
     def __init__(
         self,
@@ -160,17 +163,6 @@ class PromptedSamEncoder(nn.Module):
         # Prompts keep weight decay, as in the reference VPT optimiser; the encoder's position
         # embedding is exempt as in timm's SAM port (it matters when the encoder trains).
         return {"image_encoder.pos_embed"} if self.image_encoder.pos_embed is not None else set()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def train(self, mode: bool = True) -> PromptedSamEncoder:
-        super().train(mode)
-        if mode and self.backbone_eval:
-            self.image_encoder.eval()
-            follow_train_mode(self.image_encoder, mode)
-        return self
 
     def prompts(self, index: int, batch_size: int) -> torch.Tensor:
         """Prompt tokens of set ``index``, with dropout.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence, Set
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vpt.errors import ConfigError
 from vpt.prompts.kept import KeptProjections
+from vpt.prompts.base import PromptedEncoder, follow_train_mode  # noqa: F401  (follow_train_mode: old import path)
 from vpt.prompts.attention import (
     concat_prompt_block,
     key_value_prompt_block,
@@ -29,21 +30,12 @@ _logger = logging.getLogger(__name__)
 _HEAD_MODULES = ("head", "head_drop")
 
 
-def follow_train_mode(frozen: nn.Module, mode: bool) -> None:
-    """Put the modules a method added or unfroze inside a frozen trunk (marked with
-    ``follows_train_mode = True``: adapters, LoRA dropout, unfrozen blocks) back in ``mode``
-    after the trunk was held in eval mode."""
-    for module in frozen.modules():
-        if getattr(module, "follows_train_mode", False):
-            module.train(mode)
-
-
 def prompt_init_bound(patch_size: tuple[int, int], prompt_dim: int) -> float:
     """The VPT paper's uniform init bound, sqrt(6 / (3 * patch_h * patch_w + prompt_dim))."""
     return math.sqrt(6.0 / float(3 * patch_size[0] * patch_size[1] + prompt_dim))
 
 
-class PromptedViT(nn.Module):
+class PromptedViT(PromptedEncoder):
     """A frozen timm ``VisionTransformer`` with learnable prompt tokens.
 
     Prompts sit after the prefix tokens (class and register tokens) and before the patch
@@ -75,6 +67,8 @@ class PromptedViT(nn.Module):
     block's norm/qkv weights change (in-place updates, ``load_state_dict``), or the device,
     dtype or autocast setting differs.
     """
+
+    trunk_attribute = "vit"
 
     def __init__(
         self,
@@ -157,17 +151,6 @@ class PromptedViT(nn.Module):
     def default_cfg(self) -> dict[str, Any]:
         return self.vit.pretrained_cfg
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        # Prompts keep weight decay, as in the reference VPT optimiser; only the backbone's
-        # own embeddings are exempt (they matter when the backbone trains).
-        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        self.vit.set_grad_checkpointing(enable)
-
     def get_classifier(self) -> nn.Module:
         return self.vit.get_classifier()
 
@@ -176,14 +159,11 @@ class PromptedViT(nn.Module):
         self.vit.reset_classifier(num_classes, global_pool)
         self.vit.get_classifier().requires_grad_(True)
 
-    def train(self, mode: bool = True) -> "PromptedViT":
-        super().train(mode)
-        if mode and self.backbone_eval:
-            for name, module in self.vit.named_children():
-                if name not in _HEAD_MODULES:
-                    module.eval()
-            follow_train_mode(self.vit, mode)
-        return self
+    def hold_trunk_in_eval(self) -> None:
+        # The classifier head is new and trains: it keeps the wrapper's mode.
+        for name, module in self.vit.named_children():
+            if name not in _HEAD_MODULES:
+                module.eval()
 
     def prompts(self, index: int, batch_size: int) -> torch.Tensor:
         """Prompt tokens of set ``index``, projected and with dropout.
