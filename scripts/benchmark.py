@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmark_page import write_section  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -406,22 +408,6 @@ def report(samples: dict[Contender, list[dict]], inference, peaks: dict[str, flo
             *(f"| {name} | {median:.1f} ({low:.1f}-{high:.1f}) | {median / frozen:.3f}x |" for name, median, low, high in inference),
         ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or add) this device's section of the benchmark page, keeping the others."""
-    begin, end = f"<!-- benchmark:{key} -->", f"<!-- /benchmark:{key} -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else (
-        "# Benchmarks\n\nWritten by `scripts/benchmark.py`; each machine's section is replaced when it is run "
-        "again there.\n\n"
-    )
-    block = f"{begin}\n{body}{end}\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1 :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:

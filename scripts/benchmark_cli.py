@@ -26,6 +26,8 @@ import tomllib
 from pathlib import Path
 from typing import Optional, Sequence
 
+from benchmark_page import write_section  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "cli-startup"
 
@@ -109,21 +111,6 @@ def report(rows: Sequence[tuple[str, str, float, float, float, int]], repeats: i
         *(f"| `{shown}` | {kind} | {code} | {median:.2f} ({low:.2f}-{high:.2f}) |" for shown, kind, median, low, high, code in rows),
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or add) the section between ``<!-- benchmark:key -->`` markers, keeping the
-    others (the markers ``scripts/benchmark.py`` writes; that script imports torch, this one
-    must not)."""
-    begin, end = f"<!-- benchmark:{key} -->", f"<!-- /benchmark:{key} -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body}{end}\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1 :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

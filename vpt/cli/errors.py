@@ -14,7 +14,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from vpt import errors as _vpt_errors
 from vpt.errors import VptError
 
-__all__ = ["one_sentence", "exit_on_user_error", "note_run_folder", "run_folder_in_use"]
+__all__ = ["one_sentence", "exit_on_user_error", "note_run_folder", "record_in_log_files", "run_folder_in_use"]
 
 _logger = logging.getLogger("vpt")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,9 +80,10 @@ def _forget_refused_run_folder() -> None:
     _RunFolder.created = []
 
 
-def _record_in_log(message: str, exc_info: Any = None) -> None:
-    """Append the error to the run's log file(s) only: the console has its own line."""
-    record = logging.LogRecord("vpt", logging.ERROR, __file__, 0, message, None, exc_info)
+def record_in_log_files(message: str, level: int = logging.ERROR, exc_info: Any = None, name: str = "vpt") -> None:
+    """Append ``message`` to the run's log file(s) only (``train.log``): the console has its
+    own line (a print, or the ``vpt: error:`` sentence)."""
+    record = logging.LogRecord(name, level, __file__, 0, message, None, exc_info)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
@@ -126,16 +127,16 @@ def exit_on_user_error(fn: F) -> F:
             found = _user_error_of_resolver(error)
             if found is None:
                 if _RunFolder.in_use:
-                    _record_in_log(f"The run failed: {error}", sys.exc_info())
+                    record_in_log_files(f"The run failed: {error}", sys.exc_info())
                 raise
             message = found
         except Exception as error:
             if _RunFolder.in_use:
-                _record_in_log(f"The run failed: {type(error).__name__}: {error}", sys.exc_info())
+                record_in_log_files(f"The run failed: {type(error).__name__}: {error}", sys.exc_info())
             raise
         _logger.debug("user error", exc_info=True)
         if _RunFolder.in_use:
-            _record_in_log(f"vpt: error: {message}")
+            record_in_log_files(f"vpt: error: {message}")
         else:
             _forget_refused_run_folder()
         print(f"vpt: error: {message}", file=sys.stderr, flush=True)

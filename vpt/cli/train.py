@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from vpt.assets import register_resolvers
 from vpt.atomic import atomic_write_text
 from vpt.cli.console import quiet_console
-from vpt.cli.errors import exit_on_user_error, run_folder_in_use
+from vpt.cli.errors import exit_on_user_error, record_in_log_files, run_folder_in_use
 from vpt.errors import ConfigError
 from vpt.runs import check_run_dir, plot_curves, write_json
 
@@ -77,12 +77,8 @@ def _say(text: str) -> None:
     """Print ``text`` for the reader and add it to the run's log file (``train.log``), which
     a print does not reach."""
     print(text, flush=True)
-    if not text.strip():
-        return
-    record = _logger.makeRecord(_logger.name, logging.INFO, __file__, 0, text.strip("\n"), None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    if text.strip():
+        record_in_log_files(text.strip("\n"), logging.INFO, name=_logger.name)
 
 
 def _model_config_name(cfg: DictConfig) -> Optional[str]:

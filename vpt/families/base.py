@@ -37,7 +37,8 @@ TASK_KINDS = ("classification", "segmentation", "interactive_segmentation")
 
 class EncoderFamily:
     """One encoder family's answers. Subclass, set the class attributes, implement
-    :meth:`owns`, :meth:`wrap`, :meth:`inner` and the builders the family supports.
+    :meth:`owns` and the builders the family supports (override :meth:`wrap` and
+    :meth:`inner` for a wrapper that is not a :class:`~vpt.prompts.PromptedEncoder`).
 
     Attributes:
         name: The ``model.family`` value of its configs (``"timm"``).
@@ -77,6 +78,9 @@ class EncoderFamily:
     ) -> nn.Module:
         """``encoder`` in the family's prompt-capable wrapper (which freezes it).
 
+        The prompt settings are checked against what the family defines, then passed to
+        :attr:`wrapper` (``project_dim`` only where the family has a prompt projection).
+
         Args:
             encoder: A raw encoder of the family.
             num_tokens, deep, dropout: Prompt settings (0 tokens: the plain encoder).
@@ -84,7 +88,11 @@ class EncoderFamily:
             backbone_eval: Hold the encoder in eval mode while training (all but ``full``).
             gate: Zero-initialised per-head gates on deep prompts' attention.
         """
-        raise NotImplementedError
+        self.check_prompts(num_tokens, deep, project_dim)
+        projection = {"project_dim": project_dim} if self.prompt_projection else {}
+        return self.wrapper(
+            encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate, **projection
+        )
 
     def inner(self, wrapped: nn.Module) -> nn.Module:
         """The raw encoder inside the family's wrapper (a :class:`~vpt.prompts.base.PromptedEncoder`'s

@@ -17,7 +17,7 @@ This file plus its model configs is the whole family: nothing else in vpt knows 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from timm.models.hieradet_sam2 import HieraDet
@@ -96,19 +96,6 @@ class HieraFamily(EncoderFamily):
 
     def owns(self, encoder: nn.Module) -> bool:
         return isinstance(encoder, HieraDet)
-
-    def wrap(
-        self,
-        encoder: nn.Module,
-        num_tokens: int = 0,
-        deep: bool = True,
-        dropout: float = 0.0,
-        project_dim: Optional[int] = None,
-        backbone_eval: bool = True,
-        gate: bool = False,
-    ) -> nn.Module:
-        self.check_prompts(num_tokens, deep, project_dim)
-        return PromptedHiera(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
 
     def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
         """Hiera (method applied) -> the multi-level decoder on its four stage grids."""

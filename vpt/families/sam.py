@@ -4,7 +4,7 @@ and for box / point prompted segmentation."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
@@ -27,19 +27,6 @@ class SamFamily(EncoderFamily):
 
     def owns(self, encoder: nn.Module) -> bool:
         return isinstance(encoder, ImageEncoderViT)
-
-    def wrap(
-        self,
-        encoder: nn.Module,
-        num_tokens: int = 0,
-        deep: bool = True,
-        dropout: float = 0.0,
-        project_dim: Optional[int] = None,
-        backbone_eval: bool = True,
-        gate: bool = False,
-    ) -> nn.Module:
-        self.check_prompts(num_tokens, deep, project_dim)
-        return PromptedSamEncoder(encoder, num_tokens, deep=deep, dropout=dropout, backbone_eval=backbone_eval, gate=gate)
 
     def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
         from vpt.models.build import build_sam_segmenter

@@ -4,7 +4,7 @@ the multi-level segmentation decoder."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -27,21 +27,6 @@ class TimmViTFamily(EncoderFamily):
 
     def owns(self, encoder: nn.Module) -> bool:
         return isinstance(encoder, VisionTransformer)
-
-    def wrap(
-        self,
-        encoder: nn.Module,
-        num_tokens: int = 0,
-        deep: bool = True,
-        dropout: float = 0.0,
-        project_dim: Optional[int] = None,
-        backbone_eval: bool = True,
-        gate: bool = False,
-    ) -> nn.Module:
-        self.check_prompts(num_tokens, deep, project_dim)
-        return PromptedViT(
-            encoder, num_tokens, deep=deep, dropout=dropout, project_dim=project_dim, backbone_eval=backbone_eval, gate=gate
-        )
 
     def build_classifier_encoder(self, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         from vpt.models.build import build_vit

@@ -263,17 +263,10 @@ def check_training_splits(task_cfg: DictConfig) -> None:
         DataError: missing folder or dataset.json problems, or an empty split (see
             ``check_split_sizes``); ConfigError: a required key left unset.
     """
-    from vpt.data.registry import build_datamodule
-
-    check_data_folder(task_cfg)
-    names = task_cfg.get("class_names")
-    data_cfg = OmegaConf.to_container(task_cfg.data, resolve=True)
-    probe = build_datamodule(data_cfg, num_classes=len(names) if names else None)  # type: ignore[arg-type]
-    if hasattr(probe, "check_split_sizes"):
-        probe.check_split_sizes(required=("train", "val", "test"))
+    plan_segmentation_data(task_cfg, required_splits=("train", "val", "test"))
 
 
-def plan_segmentation_data(task_cfg: DictConfig) -> list[str]:
+def plan_segmentation_data(task_cfg: DictConfig, required_splits: Optional[Sequence[str]] = None) -> list[str]:
     """The class names, and a check that the data folder can give every split a case, before
     any model is built (a large encoder takes minutes to load; a bad folder should not).
 
@@ -290,7 +283,7 @@ def plan_segmentation_data(task_cfg: DictConfig) -> list[str]:
     data_cfg = OmegaConf.to_container(task_cfg.data, resolve=True)
     probe = build_datamodule(data_cfg, num_classes=len(names) if names else None)  # type: ignore[arg-type]
     if hasattr(probe, "check_split_sizes"):
-        probe.check_split_sizes()
+        probe.check_split_sizes(required=required_splits)
     if names:
         return [str(name) for name in names]
     log_setup(_logger, logging.INFO, "Classes from %s: %s.", data_cfg.get("root"), ", ".join(probe.class_names))  # type: ignore[union-attr]
