@@ -12,6 +12,10 @@ settings, nothing tuned here unless the row says so) for each seed, then tests. 
 * every method (linear, vpt_shallow, vpt_deep, lora, adapter, bitfit, full) on the
   pretrained encoder (DINOv2 ViT-S/14 from ``--weights``);
 * variants of VPT-deep (gate, prompt learning rate, tokens) and of the decoder (image stem);
+* recipe search on validation (``--search vpt_deep linear``), as the VPT paper does it: per
+  seed the method trains at each learning rate of a grid around the family's recipe
+  (``--search-lr-factors``), the run with the best validation score (``best/<monitor>``,
+  :mod:`vpt.recipe_selection`) is selected and only its test metrics enter the row;
 * controls: the same method on a random-init encoder of the same shape; the head or decoder
   alone (segmentation: the decoder fed zeros instead of the encoder's features,
   ``task.encoder_features=zeros``; classification: a bias-only head, which is the majority
@@ -106,10 +110,34 @@ class Row:
     overrides: list[str] = field(default_factory=list)
     pretrained: bool = True
     compute: Optional[Callable[[DataSet, Path, int], dict[str, Any]]] = None
+    #: Recipe search: one list of extra overrides per candidate; the row reports the candidate
+    #: with the best validation score, per seed.
+    search: Optional[list[list[str]]] = None
 
 
-def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], variants: bool, full_variants: bool = False) -> list[Row]:
+def recipe_base_lr(overrides: list[str]) -> float:
+    """The learning rate a run with these overrides trains at (``optimizer.base_lr``: the model
+    family's recipe, or the training default, or an override)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return float(compose("train", overrides=overrides).optimizer.base_lr)
+
+
+def search_rows(methods: list[str], base_lr: float, factors: list[float]) -> list[Row]:
+    """One recipe-search row per method: candidates at ``base_lr`` times each factor."""
+    grid = ", ".join(f"x{f:g}" for f in factors)
+    return [
+        Row(f"{method}, lr searched on validation ({grid})", "recipe search", [f"method={method}"],
+            search=[[f"optimizer.base_lr={base_lr * f:g}"] for f in factors])
+        for method in methods
+    ]
+
+
+def rows_for(dataset: DataSet, methods: list[str], random_methods: list[str], variants: bool, full_variants: bool = False,
+             searched: Optional[list[Row]] = None) -> list[Row]:
     rows = [Row(method, "method", [f"method={method}"]) for method in methods]
+    rows += list(searched or [])
     rows += [Row(f"{method}, random-init encoder", "control", [f"method={method}"], pretrained=False) for method in random_methods]
     if dataset.kind == "segmentation":
         rows += [
@@ -257,6 +285,22 @@ def train_row(dataset: DataSet, row: Row, root: Path, seed: int, args: argparse.
     return metrics
 
 
+def select_on_validation(run_dirs: list[Path], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the best validation score among one seed's candidates (test metrics unseen)."""
+    from omegaconf import OmegaConf
+
+    from vpt.recipe_selection import best_by_validation, validation_score
+
+    scores = [validation_score(run, OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))) for d, run in zip(run_dirs, runs)]
+    best = best_by_validation([score.value for score in scores], scores[0].mode)
+    if best is None:
+        sys.exit(f"No candidate of {run_dirs[0].parent} has a validation score ({scores[0].note}); the search cannot choose.")
+    selected = dict(runs[best])
+    selected["selected_run"] = str(run_dirs[best])
+    selected["benchmark_seconds"] = sum(run.get("benchmark_seconds", 0.0) for run in runs)
+    return selected
+
+
 # ----------------------------------------------------------------------------------------
 # Report
 
@@ -313,6 +357,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--random-init-methods", nargs="*", default=["linear", "vpt_deep", "lora"], help="methods also run on a random-init encoder (the control)")
     parser.add_argument("--no-variants", action="store_true", help="skip the VPT-deep and decoder variants")
     parser.add_argument("--full-variants", action="store_true", help="also full fine-tuning at encoder rates x0.001 and x1 (classification)")
+    parser.add_argument("--search", nargs="*", default=[], choices=list(METHODS), help="methods also run as a recipe search: learning rate chosen on validation")
+    parser.add_argument("--search-lr-factors", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="the searched learning rates, as multiples of the model's recipe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--seg-epochs", type=int, default=12)
     parser.add_argument("--cls-epochs", type=int, default=20)
@@ -340,19 +386,35 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not root.is_dir():
             sys.exit(f"{root} does not exist; write it with `python scripts/prepare_transfer_data.py --out {args.data}`.")
         results = []
-        for row in rows_for(dataset, args.methods, args.random_init_methods, not args.no_variants, args.full_variants):
+        base_lr = recipe_base_lr([f"model={args.model}", *dataset.overrides, *args.override]) if args.search else 0.0
+        searched = search_rows(args.search, base_lr, args.search_lr_factors)
+        for row in rows_for(dataset, args.methods, args.random_init_methods, not args.no_variants, args.full_variants, searched):
             runs = []
             for seed in args.seeds:
                 if row.compute is not None:
                     runs.append(row.compute(dataset, root, seed))
                     continue
-                slug = row.label.replace(",", "").replace(" ", "_").replace("=", "")
+                slug = row.label.replace(",", "").replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
                 run_dir = args.runs / name / slug / f"seed{seed}"
+                if row.search is not None:
+                    dirs = [run_dir / candidate[0].split("=")[-1] for candidate in row.search]
+                    candidates = [train_row(dataset, Row(row.label, row.group, row.overrides + extra), root, seed, args, d)
+                                  for extra, d in zip(row.search, dirs)]
+                    runs.append(select_on_validation(dirs, candidates))
+                    print(f"[{name}] {row.label} seed {seed}: selected {runs[-1]['selected_run']}, "
+                          f"{dataset.metric}={runs[-1].get(dataset.metric)}", flush=True)
+                    continue
                 print(f"[{name}] {row.label} seed {seed} ...", flush=True)
                 runs.append(train_row(dataset, row, root, seed, args, run_dir))
                 print(f"[{name}] {row.label} seed {seed}: {dataset.metric}={runs[-1].get(dataset.metric)}", flush=True)
             results.append((row, runs))
-        sections.append(f"## {name}\n\n{dataset.description}; {args.epochs[name]} epochs, seeds {args.seeds}.\n\n{table(dataset, results)}\n")
+        picks = [
+            f"{row.label}: " + ", ".join(f"seed {seed} lr {Path(run['selected_run']).name}" for seed, run in zip(args.seeds, runs))
+            for row, runs in results if row.search is not None
+        ]
+        note = ("\n\nSelected on validation (best `best/<monitor>`; test metrics of the other candidates unused): "
+                + "; ".join(picks) + ".") if picks else ""
+        sections.append(f"## {name}\n\n{dataset.description}; {args.epochs[name]} epochs, seeds {args.seeds}.\n\n{table(dataset, results)}{note}\n")
 
     text = (
         "# Transfer benchmark on real images\n\n"

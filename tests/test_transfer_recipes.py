@@ -255,10 +255,12 @@ def test_benchmark_transfer_runs_every_row_kind_on_generated_data(tmp_path: Path
         "--weights", str(tmp_path / "micro.safetensors"), "--data", str(tmp_path / "data"), "--model", "vit_micro",
         "--methods", "linear", "vpt_deep", "--random-init-methods", "vpt_deep", "--seeds", "0",
         "--seg-epochs", "1", "--cls-epochs", "1", "--runs", str(tmp_path / "runs"), "--out", str(out),
-        "--override", "model.img_size=32", "task.data.batch_size=4",
+        "--override", "model.img_size=32", "task.data.batch_size=4", "--search", "linear", "--search-lr-factors", "0.5", "2",
     ]
     benchmark_transfer.main(args)
     text = out.read_text()
+    assert "| linear, lr searched on validation (x0.5, x2) | recipe search |" in text
+    assert "Selected on validation" in text and "seed 0 lr " in text
     for label in ("| linear |", "| vpt_deep |", "vpt_deep, random-init encoder", "decoder alone (zero features)",
                   "per-class intensity rule", "paper form (no gate)", "no image stem", "majority class", "raw pixels"):
         assert label in text, label
@@ -267,3 +269,29 @@ def test_benchmark_transfer_runs_every_row_kind_on_generated_data(tmp_path: Path
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
     benchmark_transfer.main(args)
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")} == mtimes
+
+
+def test_benchmark_transfer_search_selects_on_validation_not_test(tmp_path: Path) -> None:
+    """A planted candidate with the best test score but not the best validation score is not selected."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark_transfer
+
+    planted = {"0.025": (0.70, 0.95), "0.05": (0.90, 0.60), "0.1": (0.80, 0.80)}  # lr: (best val dice, test dice)
+    dirs, runs = [], []
+    for lr, (val, test) in planted.items():
+        run_dir = tmp_path / lr
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(f"monitor: val/dice\nmonitor_mode: max\noptimizer:\n  base_lr: {lr}\n")
+        dirs.append(run_dir)
+        runs.append({"best/val/dice": val, "test/dice": test, "benchmark_seconds": 1.0})
+    selected = benchmark_transfer.select_on_validation(dirs, runs)
+    assert selected["selected_run"] == str(tmp_path / "0.05") and selected["test/dice"] == 0.60
+    assert selected["benchmark_seconds"] == 3.0  # the row's time is the whole search
+    # A loss monitor is minimised: the smallest validation loss wins.
+    for run_dir in dirs:
+        (run_dir / "config.yaml").write_text("monitor: val/loss\nmonitor_mode: min\n")
+    losses = [{"best/val/loss": v, "test/dice": t} for v, t in [(0.3, 0.9), (0.5, 0.1), (0.2, 0.5)]]
+    assert benchmark_transfer.select_on_validation(dirs, losses)["selected_run"] == str(tmp_path / "0.1")
+    # No validation score anywhere: the search refuses to choose instead of guessing.
+    with pytest.raises(SystemExit, match="cannot choose"):
+        benchmark_transfer.select_on_validation(dirs, [{"test/dice": 0.9}] * 3)
