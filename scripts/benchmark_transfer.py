@@ -291,12 +291,14 @@ def select_on_validation(run_dirs: list[Path], runs: list[dict[str, Any]]) -> di
 
     from vpt.recipe_selection import best_by_validation, validation_score
 
-    scores = [validation_score(run, OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))) for d, run in zip(run_dirs, runs)]
+    configs = [OmegaConf.to_container(OmegaConf.load(d / "config.yaml")) for d in run_dirs]
+    scores = [validation_score(run, config) for run, config in zip(runs, configs)]
     best = best_by_validation([score.value for score in scores], scores[0].mode)
     if best is None:
         sys.exit(f"No candidate of {run_dirs[0].parent} has a validation score ({scores[0].note}); the search cannot choose.")
     selected = dict(runs[best])
     selected["selected_run"] = str(run_dirs[best])
+    selected["selected_lr"] = (configs[best].get("optimizer") or {}).get("base_lr")
     selected["benchmark_seconds"] = sum(run.get("benchmark_seconds", 0.0) for run in runs)
     return selected
 
@@ -397,7 +399,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 slug = row.label.replace(",", "").replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
                 run_dir = args.runs / name / slug / f"seed{seed}"
                 if row.search is not None:
-                    dirs = [run_dir / candidate[0].split("=")[-1] for candidate in row.search]
+                    # The candidate at the recipe's own rate is the method's row: its run is reused.
+                    plain = args.runs / name / row.overrides[0].split("=")[-1] / f"seed{seed}"
+                    dirs = [plain if candidate[0].endswith(f"={base_lr:g}") else run_dir / candidate[0].split("=")[-1]
+                            for candidate in row.search]
                     candidates = [train_row(dataset, Row(row.label, row.group, row.overrides + extra), root, seed, args, d)
                                   for extra, d in zip(row.search, dirs)]
                     runs.append(select_on_validation(dirs, candidates))
@@ -409,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"[{name}] {row.label} seed {seed}: {dataset.metric}={runs[-1].get(dataset.metric)}", flush=True)
             results.append((row, runs))
         picks = [
-            f"{row.label}: " + ", ".join(f"seed {seed} lr {Path(run['selected_run']).name}" for seed, run in zip(args.seeds, runs))
+            f"{row.label}: " + ", ".join(f"seed {seed} lr {run['selected_lr']:g}" for seed, run in zip(args.seeds, runs))
             for row, runs in results if row.search is not None
         ]
         note = ("\n\nSelected on validation (best `best/<monitor>`; test metrics of the other candidates unused): "

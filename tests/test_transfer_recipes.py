@@ -255,11 +255,14 @@ def test_benchmark_transfer_runs_every_row_kind_on_generated_data(tmp_path: Path
         "--weights", str(tmp_path / "micro.safetensors"), "--data", str(tmp_path / "data"), "--model", "vit_micro",
         "--methods", "linear", "vpt_deep", "--random-init-methods", "vpt_deep", "--seeds", "0",
         "--seg-epochs", "1", "--cls-epochs", "1", "--runs", str(tmp_path / "runs"), "--out", str(out),
-        "--override", "model.img_size=32", "task.data.batch_size=4", "--search", "linear", "--search-lr-factors", "0.5", "2",
+        "--override", "model.img_size=32", "task.data.batch_size=4", "--search", "linear", "--search-lr-factors", "1", "2",
     ]
     benchmark_transfer.main(args)
     text = out.read_text()
-    assert "| linear, lr searched on validation (x0.5, x2) | recipe search |" in text
+    assert "| linear, lr searched on validation (x1, x2) | recipe search |" in text
+    # The candidate at the recipe's rate is the linear row's run, reused; only x2 trains anew.
+    searched = tmp_path / "runs" / "digits" / "linear_lr_searched_on_validation_x1_x2" / "seed0"
+    assert [p.name for p in searched.iterdir()] == ["0.2"]  # vit_micro's recipe: base_lr 0.1
     assert "Selected on validation" in text and "seed 0 lr " in text
     for label in ("| linear |", "| vpt_deep |", "vpt_deep, random-init encoder", "decoder alone (zero features)",
                   "per-class intensity rule", "paper form (no gate)", "no image stem", "majority class", "raw pixels"):
@@ -286,6 +289,7 @@ def test_benchmark_transfer_search_selects_on_validation_not_test(tmp_path: Path
         runs.append({"best/val/dice": val, "test/dice": test, "benchmark_seconds": 1.0})
     selected = benchmark_transfer.select_on_validation(dirs, runs)
     assert selected["selected_run"] == str(tmp_path / "0.05") and selected["test/dice"] == 0.60
+    assert selected["selected_lr"] == 0.05
     assert selected["benchmark_seconds"] == 3.0  # the row's time is the whole search
     # A loss monitor is minimised: the smallest validation loss wins.
     for run_dir in dirs:
