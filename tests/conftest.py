@@ -38,3 +38,66 @@ def make_tiny_vit(**overrides: Any) -> torch.nn.Module:
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit
+
+
+def _drop_file_permission_override() -> None:
+    """Remove CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this process (Linux capset(2)):
+    a root process then meets file modes as any owner does (a 0o555 folder is read-only for it),
+    while it still owns the test's files. Irreversible: call it in a child process only."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    mask = ~((1 << 1) | (1 << 2)) & 0xFFFFFFFF  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    data[0].effective &= mask
+    data[0].permitted &= mask
+    data[0].inheritable &= mask
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+@pytest.fixture
+def as_unprivileged():
+    """``as_unprivileged(check)`` runs ``check()`` where file modes bind: directly for a normal
+    user; as root in a forked child without the capabilities that let root ignore them (so the
+    read-only-folder tests run in root containers too). A failure in the child fails the test
+    with the child's traceback."""
+    import sys
+    import traceback
+
+    def run(check) -> None:
+        if os.name != "posix" or os.geteuid() != 0:
+            check()
+            return
+        if not sys.platform.startswith("linux"):
+            pytest.skip("dropping root's file-permission override needs Linux capabilities")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            status = 1
+            try:
+                os.close(read_end)
+                torch.set_num_threads(1)
+                _drop_file_permission_override()
+                check()
+                status = 0
+            except BaseException:  # noqa: BLE001 - everything goes back to the parent
+                os.write(write_end, traceback.format_exc().encode("utf-8", "replace"))
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read().decode("utf-8", "replace")
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            pytest.fail(f"the unprivileged check failed:\n{report}", pytrace=False)
+
+    return run

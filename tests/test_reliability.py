@@ -352,14 +352,19 @@ def test_output_folder_that_cannot_be_created_is_one_sentence(tmp_path: Path) ->
     assert "Traceback" not in result.stderr and "is a file, not a folder" in result.stderr
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_output_folder_is_one_sentence(tmp_path: Path) -> None:
+def test_read_only_output_folder_is_one_sentence(tmp_path: Path, as_unprivileged) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
+    cfg = compose_config(FAST)
+
+    def refused() -> None:
         with pytest.raises(ConfigError, match="read-only"):
-            train(compose_config(FAST), run_dir=locked / "run")
+            train(cfg, run_dir=locked / "run")
+        assert list(locked.iterdir()) == []
+
+    try:
+        as_unprivileged(refused)
     finally:
         locked.chmod(stat.S_IRWXU)
 

@@ -643,7 +643,17 @@ def test_metric_definitions_state_unit_tolerance_and_empty_rules() -> None:
     import json
 
     assert set(METRIC_DEFINITIONS) == {"dice", "hd95", "hd95_penalised", "nsd"}
-    assert METRIC_DEFINITIONS == metric_definitions(DEFAULT_NSD_TOLERANCE, "mm")
+    # The tolerance the default definitions state is the one volume_scores applies when given none:
+    # a square shifted by 2 voxels (1 mm each) is fully within 2 mm of the truth's surface, not within 1 mm.
+    target = np.zeros((24, 24), np.int64)
+    target[6:16, 6:16] = 1
+    shifted = np.roll(target, 2, axis=1)
+
+    def nsd(**tolerance: float) -> float:
+        return volume_scores(shifted, target, 2, spacing=(1.0, 1.0), **tolerance)[1]["nsd"]
+
+    assert f"tolerance of {DEFAULT_NSD_TOLERANCE:g} mm" in METRIC_DEFINITIONS["nsd"]
+    assert nsd() == nsd(nsd_tolerance=1.0) < nsd(nsd_tolerance=2.0) == 1.0
     assert vpt.metrics.METRIC_DEFINITIONS is METRIC_DEFINITIONS
     assert {"METRIC_DEFINITIONS", "metric_definitions"} <= set(vpt.metrics.__all__)
     for text in METRIC_DEFINITIONS.values():

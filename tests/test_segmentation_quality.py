@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -317,8 +318,27 @@ def test_cli_trains_and_scores_phantoms_with_each_decoder(tmp_path, options) -> 
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    import nibabel as nib
+
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert 0.0 <= metrics["test/dice"] <= 1.0
+    # The decoder the option named is the one trained and saved.
+    decoder = options[0].split("=")[1]
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").task.decoder == decoder
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert any(key.startswith("model.decoder.reassemble.") for key in state) == (decoder == "multilevel")
+    # Scored on each held-out case's own label volume at its own grid (tiles and resampling undone):
+    # every organ's target voxels are those of the label file.
+    cases = metrics["test/cases"]
+    assert cases
+    for case, organs in cases.items():
+        label = np.asarray(nib.load(tmp_path / "phantoms" / "labelsTr" / f"{case}.nii.gz").dataobj)
+        assert {int(k): v["target_voxels"] for k, v in organs.items()} == {
+            value: int((label == value).sum()) for value in range(1, len(organs) + 1)
+        }
+        assert sum(v["pred_voxels"] for v in organs.values()) <= label.size
+    # The headline Dice is the mean of the organs' Dice.
+    organ_dice = [v["dice"] for v in metrics["test/per_organ"].values() if v["dice"] is not None and not math.isnan(v["dice"])]
+    assert metrics["test/dice"] == pytest.approx(sum(organ_dice) / len(organ_dice), abs=1e-6)
     assert (tmp_path / "run" / "test_overlays.png").is_file()
 
 

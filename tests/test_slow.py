@@ -76,15 +76,29 @@ def test_backbone_weights_file_is_untouched_and_reproducible(tmp_path: Path) -> 
     weights = _dinov2_weights()
     from vpt.backbones import create_vit
 
+    import hashlib
+
+    digest, stat = hashlib.sha256(weights.read_bytes()).hexdigest(), weights.stat()
     before = load_file(str(weights))
     vit = create_vit("vit_small_patch14_dinov2", checkpoint=str(weights), img_size=56)
-    state = vit.state_dict()
+    state = {key: tensor.clone() for key, tensor in vit.state_dict().items()}
     # Everything except the resized position embedding is the file's tensor, upcast.
     for key, tensor in before.items():
         if key == "pos_embed":
             assert state[key].shape[1] == 1 + 4 * 4
         else:
             torch.testing.assert_close(state[key], tensor.float(), msg=key)
+    # Training the loaded model changes the model, never the file.
+    vit(torch.randn(2, 3, 56, 56)).sum().backward()
+    with torch.no_grad():
+        for parameter in vit.parameters():
+            parameter.add_(1.0)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns and weights.stat().st_size == stat.st_size
+    # Reproducible: a second load gives the same tensors as the first.
+    again = create_vit("vit_small_patch14_dinov2", checkpoint=str(weights), img_size=56).state_dict()
+    for key, tensor in state.items():
+        assert torch.equal(again[key], tensor), key
 
 
 def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(tmp_path: Path) -> None:

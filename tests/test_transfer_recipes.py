@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vpt import PromptedSamEncoder, apply_method

@@ -181,16 +181,20 @@ def test_unwritable_cache_dir_falls_back_to_temp(
     assert any("cannot be written" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write a read-only folder")
-def test_read_only_root_falls_back_to_temp(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(os.name != "posix", reason="folder modes are POSIX")
+def test_read_only_root_falls_back_to_temp(phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_unprivileged) -> None:
     system_temp = tmp_path / "system_temp"
     system_temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
     phantom_root.chmod(0o555)
-    try:
+
+    def falls_back() -> None:
         module = make_module(phantom_root)
         next(iter(module.train_dataloader()))
         assert system_temp in module.volume_cache().folder.parents  # type: ignore[union-attr]
         assert not (phantom_root / ".vpt_cache").exists()
+
+    try:
+        as_unprivileged(falls_back)
     finally:
         phantom_root.chmod(0o755)
