@@ -61,13 +61,13 @@ def phantom(runs) -> np.ndarray:
 def _reference_slices(run: LoadedRun, volume: np.ndarray) -> torch.Tensor:
     """The run's test-time preprocessing written out plainly: CT window, slices z-1, z, z+1
     (edges repeated) as channels, resize, normalise."""
-    datamodule = run.parts.datamodule
-    assert datamodule.geometry.context_slices == 1 and not datamodule.geometry.tiled
-    unit = window_ct(volume, *datamodule.window)
+    saved = run.preprocessing  # what the run saved; equal to its data module's (test below)
+    assert saved is not None and saved.context_slices == 1 and saved.patch_size is None
+    unit = window_ct(volume, *saved.window)
     padded = np.concatenate([unit[:1], unit, unit[-1:]])
     planes = [np.stack([padded[z], padded[z + 1], padded[z + 2]], axis=-1) for z in range(len(unit))]
-    transform = build_segmentation_transforms(datamodule.image_size, train=False)
-    return torch.stack([to_model_input(transform(image=s)["image"], datamodule.mean, datamodule.std) for s in planes])
+    transform = build_segmentation_transforms(saved.image_size, train=False)
+    return torch.stack([to_model_input(transform(image=s)["image"], saved.mean, saved.std) for s in planes])
 
 
 def _reference_labels(run: LoadedRun, volume: np.ndarray) -> np.ndarray:
@@ -213,7 +213,7 @@ def test_2d_images_give_mask_and_overlay_pngs(runs, seg_run, phantom, tmp_path) 
     colour = np.stack([grey[:70, :50], grey[5:75, 10:60], grey[10:80, 20:70]], axis=-1)  # (70, 50, 3)
     Image.fromarray(colour).save(folder / "colour.png")
     predict(folder, tmp_path / "out", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
-    datamodule = seg_run.parts.datamodule
+    datamodule = seg_run.preprocessing
     transform = build_segmentation_transforms(datamodule.image_size, train=False)
     for name, picture in (("grey", grey), ("colour", colour)):
         mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
@@ -244,7 +244,7 @@ def test_classification_writes_a_csv_of_probabilities(runs, tmp_path) -> None:
         rows = list(csv.DictReader(handle))
 
     run = load_run(run_dir=runs["cls"], device="cpu")
-    datamodule = run.parts.datamodule
+    datamodule = run.preprocessing
     assert images.shape[1:3] == tuple(datamodule.image_size)  # no resize: a plain reference
     mean, std = np.asarray(datamodule.mean, np.float32), np.asarray(datamodule.std, np.float32)
     assert len(rows) == len(images)
@@ -358,3 +358,78 @@ def test_several_prompt_files_predict_in_one_pass_as_each_alone(runs, tmp_path) 
             for name in row_expected:
                 if name not in ("path", "predicted"):
                     assert abs(float(row_got[name]) - float(row_expected[name])) < 1e-5
+
+
+# -- a trained model without its training data ---------------------------------------------------
+
+
+def test_the_saved_preprocessing_is_what_the_data_module_applies(runs) -> None:
+    """preprocessing.json, the weights' metadata and the run's own data module agree."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from vpt.data.preprocessing import PREPROCESSING_FILE, Preprocessing
+    from vpt.methods.trained_weights import read_trained_metadata
+    from vpt.tasks import build_task
+
+    for name, task in (("seg", "segmentation"), ("cls", "classification")):
+        on_disk = json.loads((runs[name] / PREPROCESSING_FILE).read_text())
+        assert read_trained_metadata(runs[name] / "prompts.safetensors")["preprocessing"] == on_disk
+        parts = build_task(OmegaConf.load(runs[name] / "config.yaml"))
+        parts.datamodule.setup("fit")
+        rebuilt = Preprocessing.from_datamodule(task, parts.datamodule, parts.metadata["class_names"])
+        assert Preprocessing.from_dict(on_disk) == rebuilt
+    saved = Preprocessing.from_dict(json.loads((runs["seg"] / PREPROCESSING_FILE).read_text()))
+    assert saved.window == (-125.0, 275.0) and saved.context_slices == 1 and saved.sliced  # CT phantoms, 2.5D
+    assert saved.class_names[0] == "background" and len(saved.class_names) == 9
+
+
+def test_predict_after_the_training_data_is_gone_equals_predict_before(runs, phantom, tmp_path) -> None:
+    scan = tmp_path / "in" / "case.nii.gz"
+    _itk_volume(phantom, scan)
+    predict(scan, tmp_path / "before", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    data = runs["phantoms"]
+    hidden = data.with_name("phantoms_moved_away")
+    data.rename(hidden)
+    try:
+        predict(scan, tmp_path / "after", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+        # The weights file alone (its metadata holds the config and the preprocessing) does as well.
+        predict(scan, tmp_path / "weights_only", weights=runs["seg"] / "prompts.safetensors", device="cpu", progress=False)
+    finally:
+        hidden.rename(data)
+    before = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "before" / "case.nii.gz")))
+    for folder in ("after", "weights_only"):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / "case.nii.gz"))), before)
+    # The probabilities (this short run's labels are mostly background) are equal bit for bit too.
+    scores = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "before" / "case_probabilities.nii.gz")))
+    assert scores.std() > 0.01
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "after" / "case_probabilities.nii.gz"))), scores)
+
+
+def test_another_base_encoder_is_refused_naming_both(runs, phantom, tmp_path) -> None:
+    """The run trained on a random-init micro ViT (seeded); weights from another file, or another
+    seed's random init, are another base encoder: refused before anything is written."""
+    from safetensors.torch import save_file
+
+    from vpt.errors import CheckpointError
+
+    scan = tmp_path / "in" / "case.nii.gz"
+    _itk_volume(phantom, scan)
+    other = tmp_path / "other_micro_vit.safetensors"
+    vit = timm_micro_vit()
+    save_file({key: value.contiguous() for key, value in vit.state_dict().items()}, str(other))
+    with pytest.raises(CheckpointError, match=r"trained on vit_tiny_patch16_224 from random init .*rebuilt base encoder is "
+                       r"vit_tiny_patch16_224 from checkpoint other_micro_vit\.safetensors.*model\.checkpoint="):
+        predict(scan, tmp_path / "out", run_dir=runs["seg"], overrides=[f"model.checkpoint={other}"], device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        predict(scan, tmp_path / "out", run_dir=runs["seg"], overrides=["seed=12345"], device="cpu", progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def timm_micro_vit() -> torch.nn.Module:
+    """A model of the quickstart's micro ViT shape (model/vit_micro.yaml) with other weights."""
+    import timm
+
+    torch.manual_seed(99)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=0)

@@ -23,6 +23,7 @@ from vpt.heads import MultiLevelDecoder, PatchTokenDecoder, evenly_spaced_blocks
 from vpt.inference.tiling import slice_logits, to_original_grid
 from vpt.models import build_segmenter
 from vpt.models.segmenters import VitSegmenter
+from vpt.tasks import build_task
 
 
 def _vit(img_size, patch: int, depth: int = 4, prefix_tokens: int = 1) -> nn.Module:
@@ -360,7 +361,7 @@ def test_predict_uses_the_test_pipeline_with_context_spacing_and_tiles(tmp_path)
     ])
     train(cfg, run_dir=tmp_path / "run")
     run = load_run(run_dir=tmp_path / "run", device="cpu")
-    datamodule = run.parts.datamodule
+    datamodule = build_task(run.config).datamodule  # the training pipeline, as testing used it
     assert datamodule.geometry.tiled and datamodule.geometry.context_slices == 1
     datamodule.setup()
     case = datamodule.cases("test")[0]

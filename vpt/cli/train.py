@@ -109,7 +109,9 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     import lightning as L
     import torch
 
+    from vpt.data.preprocessing import Preprocessing
     from vpt.methods import applied_method, parameter_groups, parameter_table, save_trained_weights
+    from vpt.methods.trained_weights import base_encoder_identity
     from vpt.metrics import format_organ_table
     from vpt.tasks import build_task, check_training_data
     from vpt.training import (
@@ -153,6 +155,8 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     parts = build_task(cfg)
+    # The base encoder as built, before training may cast it (bf16-true): stored with the weights.
+    base_encoder = base_encoder_identity(cfg.model, parts.model)
     if hasattr(parts.datamodule, "check_cases"):
         # Every case of every split is read once now, so that a broken test case (NaN
         # voxels, a label of another size or spacing) stops the run before training.
@@ -197,10 +201,16 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return metrics
     # The model now holds the weights that were tested (trainer.test loaded best.ckpt into it).
+    extra: dict[str, Any] = {"base_encoder": base_encoder}
+    if parts.metadata.get("task") in ("segmentation", "classification"):
+        # What prediction needs besides the weights (no data folder): resolved to numbers.
+        preprocessing = Preprocessing.from_datamodule(parts.metadata["task"], parts.datamodule, parts.metadata["class_names"])
+        preprocessing.write(run_dir)
+        extra["preprocessing"] = preprocessing.to_dict()
     save_trained_weights(
         parts.model,
         run_dir / TRAINED_WEIGHTS,
-        metadata={**parts.metadata, "config": OmegaConf.to_container(cfg, resolve=True)},
+        metadata={**parts.metadata, **extra, "config": OmegaConf.to_container(cfg, resolve=True)},
     )
     report_extras = parts.module.write_report(run_dir, parts.datamodule, cfg.num_preview_images)
     plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")

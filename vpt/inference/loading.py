@@ -22,8 +22,10 @@ from vpt.assets import register_resolvers
 from vpt.errors import ConfigError, DataError
 from vpt.messages import rebuilding_a_run
 from vpt.methods import load_trained_weights
-from vpt.methods.trained_weights import read_trained_metadata
+from vpt.data.preprocessing import Preprocessing
+from vpt.methods.trained_weights import base_encoder_identity, check_base_encoder, read_trained_metadata
 from vpt.tasks import TaskParts, build_task
+from vpt.tasks.registry import build_for_prediction
 
 __all__ = [
     "LoadedRun",
@@ -129,13 +131,16 @@ class LoadedRun:
 
     Attributes:
         config: The run's resolved config (with the caller's overrides merged in).
-        parts: The task's module, data module (its preprocessing settings), network and
-            metadata; the module is in eval mode on ``device``.
+        parts: The task's module, network and metadata (its data module only for runs saved
+            before vpt stored their preprocessing, else ``None``); the module is in eval mode
+            on ``device``.
         weights_path: The trained-weights file that was loaded.
         class_names: Class names by output index, as the weights were trained on.
         device: Where the model runs.
         precision: The run's ``trainer.precision``.
         trained_metadata: The metadata stored with the trained weights.
+        preprocessing: How inputs become the model's inputs: the one saved with the weights,
+            or (older runs) read from the rebuilt data module.
     """
 
     config: DictConfig
@@ -145,6 +150,14 @@ class LoadedRun:
     device: torch.device
     precision: str = "32-true"
     trained_metadata: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Optional[Preprocessing] = None
+
+    def eval_batch_size(self, default: int) -> int:
+        """The batch size the run evaluated with (``task.data.eval_batch_size``), else ``default``."""
+        size = getattr(self.parts.datamodule, "eval_batch_size", None)
+        if size is None:
+            size = OmegaConf.select(self.config, "task.data.eval_batch_size", default=None)
+        return int(size) if size else default
 
     @property
     def task(self) -> str:
@@ -205,24 +218,24 @@ def rebuild_run(cfg: DictConfig, weights_path: Path, device: Optional[str] = Non
 
     Raises:
         ConfigError: A bad device.
-        DataError: The run's data folder is gone (its settings rebuild the model).
-        CheckpointError: Weights that do not fit the rebuilt model.
+        DataError: The data folder of a run saved without its preprocessing is gone.
+        CheckpointError: Weights that do not fit the rebuilt model, or a base encoder other
+            than the one they were trained on.
     """
     torch_device = resolve_device(device)
+    saved = read_trained_metadata(weights_path)
+    record = saved.get("preprocessing")
     # The frozen backbone is rebuilt, not loaded: a random-init one is the run's only with its seed.
     L.seed_everything(cfg.get("seed", 0), verbose=False)
-    try:
-        with rebuilding_a_run():  # the run's training said what it found and built
-            parts = build_task(cfg)
-    except DataError as error:
-        root = OmegaConf.select(cfg, "task.data.root", default=None)
-        if root is None or Path(str(root)).expanduser().exists():
-            raise
-        # The builders' own sentence advises on training data; prediction only needs the folder's settings.
-        raise DataError(
-            f"{weights_path} is rebuilt from its run config, whose data folder {root} does not exist; pass "
-            "task.data.root=<the folder the run was trained on> (prediction reads none of its images)."
-        ) from error
+    if isinstance(record, dict):
+        # The weights carry their preprocessing: the model is built from it, no data folder read.
+        preprocessing = Preprocessing.from_dict(record, str(weights_path))
+        with rebuilding_a_run():
+            parts = build_for_prediction(cfg, preprocessing)
+    else:
+        parts = _build_from_data(cfg, weights_path)
+        preprocessing = Preprocessing.from_datamodule(str(cfg.task.name), parts.datamodule, parts.metadata.get("class_names") or [])
+    check_base_encoder(saved.get("base_encoder"), base_encoder_identity(cfg.model, parts.model), weights_path)
     trained = load_trained_weights(parts.model, weights_path)
     built_names = list(parts.metadata.get("class_names") or [])
     trained_names = trained.get("class_names")
@@ -236,7 +249,24 @@ def rebuild_run(cfg: DictConfig, weights_path: Path, device: Optional[str] = Non
     parts.module.to(torch_device)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
     _logger.info("Loaded %s (%s, %d classes) on %s.", weights_path, cfg.task.name, len(class_names), torch_device)
-    return LoadedRun(cfg, parts, weights_path, class_names, torch_device, precision, trained)
+    return LoadedRun(cfg, parts, weights_path, class_names, torch_device, precision, trained, preprocessing)
+
+
+def _build_from_data(cfg: DictConfig, weights_path: Path) -> TaskParts:
+    """A run saved before vpt stored its preprocessing: its data module gives the settings."""
+    try:
+        with rebuilding_a_run():  # the run's training said what it found and built
+            return build_task(cfg)
+    except DataError as error:
+        root = OmegaConf.select(cfg, "task.data.root", default=None)
+        if root is None or Path(str(root)).expanduser().exists():
+            raise
+        # The builders' own sentence advises on training data; prediction only needs the folder's settings.
+        raise DataError(
+            f"{weights_path} is rebuilt from its run config, whose data folder {root} does not exist; pass "
+            "task.data.root=<the folder the run was trained on> (prediction reads none of its images; runs trained "
+            "with this vpt version carry their preprocessing and need no data folder)."
+        ) from error
 
 
 def load_run(

@@ -118,7 +118,7 @@ def _segment(
     save_probabilities: bool,
     progress: Optional[bool],
 ) -> list[Path]:
-    preprocessing = SegmentationPreprocessing.from_datamodule(run.parts.datamodule)
+    preprocessing = SegmentationPreprocessing.from_preprocessing(run.preprocessing)
     predictor = SlicePredictor(run.parts.model, run.device, batch_size, run.autocast)
     volumes = [item for item in plans if item.kind != "image"]
     images = [item for item in plans if item.kind == "image"]
@@ -157,10 +157,9 @@ def _segment(
 def _classify(
     run: LoadedRun, items: Sequence[PredictionInput], csv_path: Path, batch_size: int, progress: Optional[bool]
 ) -> list[Path]:
-    datamodule = run.parts.datamodule
-    classifier = ImageClassifier(
-        run.parts.model, run.device, tuple(datamodule.image_size), datamodule.mean, datamodule.std, run.autocast
-    )
+    saved = run.preprocessing
+    assert saved is not None
+    classifier = ImageClassifier(run.parts.model, run.device, tuple(saved.image_size), saved.mean, saved.std, run.autocast)
     rows: list[list[Any]] = []
     with _bar(progress, total=len(items), desc="images", unit="image") as bar:
         for chunk in _batches(items, batch_size):
@@ -239,11 +238,12 @@ def predict_bank(
     check_outputs_free(targets)
     run = rebuild_run(cfg, first, device)
     bank = PromptBank.from_files(run.parts.model, paths, names=names).to(run.device)
-    datamodule = run.parts.datamodule
-    classifier = ImageClassifier(bank, run.device, tuple(datamodule.image_size), datamodule.mean, datamodule.std, run.autocast)
+    saved = run.preprocessing
+    assert saved is not None
+    classifier = ImageClassifier(bank, run.device, tuple(saved.image_size), saved.mean, saved.std, run.autocast)
     class_names = {name: _class_names_of(path) for name, path in zip(names, paths)}
     rows: dict[str, list[list[Any]]] = {name: [] for name in names}
-    size = batch_size or int(getattr(datamodule, "eval_batch_size", 32))
+    size = batch_size or run.eval_batch_size(32)
     with _bar(progress, total=len(items), desc="images", unit="image") as bar:
         for chunk in _batches(items, size):
             with torch.inference_mode(), run.autocast():
@@ -329,7 +329,7 @@ def predict(
         csv_path = out_dir / PREDICTIONS_CSV
         check_outputs_free([csv_path])
         run = rebuild_run(cfg, weights_path, device)
-        size = batch_size or int(getattr(run.parts.datamodule, "eval_batch_size", 32))
+        size = batch_size or run.eval_batch_size(32)
         written = _classify(run, items, csv_path, size, progress)
     else:
         plans = {item: _plan_segmentation(item, out_dir, save_probabilities) for item in items}

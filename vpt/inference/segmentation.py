@@ -57,6 +57,11 @@ class SegmentationPreprocessing:
     geometry: Optional[SliceGeometry] = None
 
     @classmethod
+    def from_preprocessing(cls, preprocessing: Any) -> "SegmentationPreprocessing":
+        """The evaluation preprocessing a run saved (:class:`vpt.data.preprocessing.Preprocessing`)."""
+        return cls(preprocessing.image_size, preprocessing.mean, preprocessing.std, preprocessing.window, preprocessing.geometry())
+
+    @classmethod
     def from_datamodule(cls, datamodule: Any) -> "SegmentationPreprocessing":
         """Read the settings of a ``VolumeSegmentationDataModule`` built from the run config."""
         # A data module that resolves ``window: auto`` from its dataset.json says which window it used.

@@ -21,7 +21,15 @@ from vpt.atomic import atomic_path
 from vpt.errors import CheckpointError
 from vpt.methods.registry import applied_method
 
-__all__ = ["trainable_state_dict", "save_trained_weights", "load_trained_weights", "read_trained_metadata"]
+__all__ = [
+    "trainable_state_dict",
+    "save_trained_weights",
+    "load_trained_weights",
+    "read_trained_metadata",
+    "frozen_fingerprint",
+    "base_encoder_identity",
+    "check_base_encoder",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -32,6 +40,69 @@ FORMAT_VERSION = "1"
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of every parameter that requires grad, keyed as in ``model.state_dict()``."""
     return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def frozen_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the frozen tensors of ``model`` (every parameter that does not train, by name,
+    dtype, shape and bytes): the identity of the base encoder the trained tensors sit on.
+
+    Two builds agree exactly when their frozen weights are bit for bit the same, whatever file
+    or hub tag they came from. Take it before training changes precision (Lightning's
+    ``*-true`` precisions cast the whole model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            continue
+        tensor = param.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def base_encoder_identity(model_cfg: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """What the trained tensors were trained on: family, name, pretrained tag or checkpoint file
+    name, and :func:`frozen_fingerprint` of the built model (stored as ``base_encoder``)."""
+    checkpoint = model_cfg.get("checkpoint")
+    return {
+        "family": str(model_cfg.get("family", "timm")),
+        "name": str(model_cfg.get("name")),
+        "pretrained": bool(model_cfg.get("pretrained", False)) and not checkpoint,
+        "checkpoint": Path(str(checkpoint)).name if checkpoint else None,
+        "fingerprint": frozen_fingerprint(model),
+    }
+
+
+def _describe_base(identity: Mapping[str, Any]) -> str:
+    if identity.get("checkpoint"):
+        source = f"checkpoint {identity['checkpoint']}"
+    elif identity.get("pretrained"):
+        source = "its hub weights"
+    else:
+        source = "random init"
+    return f"{identity.get('name')} from {source} (fingerprint {str(identity.get('fingerprint'))[:12]})"
+
+
+def check_base_encoder(saved: Optional[Mapping[str, Any]], built: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a rebuilt base encoder that is not the one the trained tensors were trained on.
+
+    Args:
+        saved: The weights file's ``base_encoder`` (``None`` for files written before vpt stored it:
+            nothing to compare).
+        built: :func:`base_encoder_identity` of the rebuilt model.
+        path: The weights file, for the message.
+
+    Raises:
+        CheckpointError: The fingerprints differ; the sentence names both encoders.
+    """
+    if not saved or not saved.get("fingerprint"):
+        return
+    if saved["fingerprint"] != built["fingerprint"]:
+        raise CheckpointError(
+            f"{path} was trained on {_describe_base(saved)}, but the rebuilt base encoder is {_describe_base(built)}; "
+            "pass model.checkpoint=<the file it was trained on> (or the same model.name / pretrained tag)."
+        )
 
 
 def save_trained_weights(model: nn.Module, path: str | Path, metadata: Optional[Mapping[str, Any]] = None) -> Path:

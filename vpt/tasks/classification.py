@@ -21,7 +21,7 @@ from vpt.metrics.classification import (
 )
 from vpt.runs import choose_one_per_class, save_classification_preview
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
-from vpt.tasks.registry import TaskParts, register_task
+from vpt.tasks.registry import TaskParts, register_prediction_builder, register_task
 
 __all__ = ["ClassificationTask", "TrainableCheckpointMixin", "build_classification"]
 
@@ -155,11 +155,26 @@ def build_classification(cfg: DictConfig) -> TaskParts:
     from vpt.data.registry import build_datamodule
     from vpt.models import build_classifier, build_classifier_encoder
 
-    model_cfg = cfg.model
     vit, data = build_classifier_encoder(cfg)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.task.data, resolve=True), **data)
     num_classes, class_names = datamodule.num_classes, datamodule.class_names
     model = build_classifier(cfg, vit, num_classes)
+    return _classification_parts(cfg, model, data, list(class_names), datamodule)
+
+
+@register_prediction_builder("classification")
+def build_classification_for_prediction(cfg: DictConfig, preprocessing: Any) -> TaskParts:
+    """The run's model from its saved :class:`~vpt.data.preprocessing.Preprocessing`: no data read."""
+    from vpt.models import build_classifier, build_classifier_encoder
+
+    vit, data = build_classifier_encoder(cfg)
+    model = build_classifier(cfg, vit, preprocessing.num_classes)
+    return _classification_parts(cfg, model, data, list(preprocessing.class_names), None)
+
+
+def _classification_parts(cfg: DictConfig, model: Any, data: dict[str, Any], class_names: list[str], datamodule: Any) -> TaskParts:
+    model_cfg = cfg.model
+    num_classes = len(class_names)
     module = ClassificationTask(
         model,
         num_classes=num_classes,

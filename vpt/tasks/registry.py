@@ -4,7 +4,7 @@ LightningDataModule that the trainer runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import lightning as L
 from omegaconf import DictConfig
@@ -12,7 +12,7 @@ from torch import nn
 
 from vpt.errors import ConfigError
 
-__all__ = ["TaskParts", "register_task", "build_task", "available_tasks"]
+__all__ = ["TaskParts", "register_task", "build_task", "available_tasks", "register_prediction_builder", "build_for_prediction"]
 
 
 @dataclass
@@ -21,14 +21,14 @@ class TaskParts:
 
     Args:
         module: The LightningModule to train and test.
-        datamodule: Its data.
+        datamodule: Its data; ``None`` when built for prediction (:func:`build_for_prediction`).
         model: The network inside ``module`` whose trainable tensors are exported.
         metadata: Plain values that describe the model (backbone, method, classes, input
             size, normalisation); stored with exported weights.
     """
 
     module: L.LightningModule
-    datamodule: L.LightningDataModule
+    datamodule: Optional[L.LightningDataModule]
     model: nn.Module
     metadata: Dict[str, Any] = field(default_factory=dict)
 
@@ -45,6 +45,36 @@ def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
         return builder
 
     return decorator
+
+
+#: Builders of a task's model from a saved preprocessing record, without its data (prediction).
+PredictionBuilder = Callable[[DictConfig, Any], TaskParts]
+_PREDICTION: Dict[str, PredictionBuilder] = {}
+
+
+def register_prediction_builder(name: str) -> Callable[[PredictionBuilder], PredictionBuilder]:
+    """Register how task ``name`` builds its model for prediction from a
+    :class:`~vpt.data.preprocessing.Preprocessing` alone (``TaskParts.datamodule`` is ``None``)."""
+    def decorator(builder: PredictionBuilder) -> PredictionBuilder:
+        if name in _PREDICTION:
+            raise ValueError(f"prediction builder {name!r} is registered twice")
+        _PREDICTION[name] = builder
+        return builder
+
+    return decorator
+
+
+def build_for_prediction(cfg: DictConfig, preprocessing: Any) -> TaskParts:
+    """The parts of the run ``cfg`` describes, built for prediction from its saved preprocessing:
+    no data folder is read, ``datamodule`` is ``None``."""
+    name = str(cfg.task.name)
+    if name not in _PREDICTION:
+        raise ConfigError(f"Task {name!r} cannot be built for prediction; prediction supports {sorted(_PREDICTION)}.")
+    parts = _PREDICTION[name](cfg, preprocessing)
+    from vpt.models.switches import apply_model_switches
+
+    apply_model_switches(parts.model, cfg.model)
+    return parts
 
 
 def available_tasks() -> list[str]:

@@ -46,7 +46,7 @@ from vpt.metrics.segmentation import (
     volume_scores,
 )
 from vpt.tasks.base import OptimizationMixin, TrainableCheckpointMixin, check_finite_loss, init_task
-from vpt.tasks.registry import TaskParts, register_task
+from vpt.tasks.registry import TaskParts, register_prediction_builder, register_task
 
 __all__ = ["SegmentationTask", "dice_loss", "build_segmentation", "check_data_folder", "check_training_splits"]
 
@@ -299,9 +299,25 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
     task_cfg = cfg.task
     class_names = plan_segmentation_data(task_cfg)
     num_classes = len(class_names)
-    family = cfg.model.get("family", "timm")
     model, data = build_segmenter(cfg, num_classes)
     datamodule = build_datamodule(OmegaConf.to_container(task_cfg.data, resolve=True), num_classes=num_classes, **data)
+    return _segmentation_parts(cfg, model, data, class_names, datamodule, getattr(datamodule, "geometry", None))
+
+
+@register_prediction_builder("segmentation")
+def build_segmentation_for_prediction(cfg: DictConfig, preprocessing: Any) -> TaskParts:
+    """The run's model from its saved :class:`~vpt.data.preprocessing.Preprocessing`: no data read."""
+    from vpt.models import build_segmenter
+
+    class_names = list(preprocessing.class_names)
+    model, data = build_segmenter(cfg, len(class_names))
+    return _segmentation_parts(cfg, model, data, class_names, None, preprocessing.geometry())
+
+
+def _segmentation_parts(cfg: DictConfig, model: Any, data: dict[str, Any], class_names: list[str], datamodule: Any, geometry: Any) -> TaskParts:
+    task_cfg = cfg.task
+    num_classes = len(class_names)
+    family = cfg.model.get("family", "timm")
     module = SegmentationTask(
         model,
         num_classes=num_classes,
@@ -312,7 +328,7 @@ def build_segmentation(cfg: DictConfig) -> TaskParts:
         dice_weight=float(task_cfg.loss.dice_weight),
         eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
         nsd_tolerance=float(task_cfg.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
-        geometry=getattr(datamodule, "geometry", None),
+        geometry=geometry,
         backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )
