@@ -131,6 +131,15 @@ def test_evaluate_from_the_weights_file_alone(finished_run: Path, tmp_path: Path
     assert metrics["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
 
 
+def test_evaluate_refuses_another_base_encoder(finished_run: Path, tmp_path: Path) -> None:
+    """The run trained on the packaged micro ViT's weights; a random-init encoder is another base."""
+    from vpt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"from checkpoint vit_micro_shapes\.fp16\.safetensors .*from random init"):
+        evaluate(run_dir=str(finished_run), output=str(tmp_path / "ev"), overrides=["model.checkpoint=null", "model.pretrained=false"])
+    assert not (tmp_path / "ev").exists()
+
+
 def test_resume_from_lightning_checkpoint(finished_run: Path, tmp_path: Path) -> None:
     first = json.loads((finished_run / "metrics.json").read_text())
     cfg = compose_config([*FAST, "trainer.max_epochs=2", f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}"])

@@ -149,6 +149,7 @@ def evaluate(
 
     from vpt.inference.loading import config_and_weights as _config_and_weights
     from vpt.methods import load_trained_weights
+    from vpt.methods.trained_weights import base_encoder_identity, check_base_encoder, read_trained_metadata
     from vpt.metrics import format_organ_table
     from vpt.tasks import build_task
     from vpt.training import check_accelerator, load_checkpoint_file, load_checkpoint_weights
@@ -189,6 +190,8 @@ def evaluate(
     if saved is not None:
         load_checkpoint_weights(parts.module, saved, weights_path)
     else:
+        # The trained tensors only mean something on the base encoder they were trained on.
+        check_base_encoder(read_trained_metadata(weights_path).get("base_encoder"), base_encoder_identity(cfg.model, parts.model), weights_path)
         trained = load_trained_weights(parts.model, weights_path)
         _warn_if_classes_differ(trained.get("class_names"), parts.metadata.get("class_names"), weights_path)
     trainer = L.Trainer(
