@@ -433,3 +433,92 @@ def timm_micro_vit() -> torch.nn.Module:
 
     torch.manual_seed(99)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=0)
+
+
+# -- a shareable model folder (vpt-export) ----------------------------------------------------------
+
+
+def test_export_then_predict_from_the_folder_equals_the_run(runs, phantom, tmp_path) -> None:
+    """vpt-export writes the folder; vpt-predict model=DIR (the CLI, with the training data moved
+    away) writes the same voxels as predicting from the run folder."""
+    import json
+
+    from vpt.cli.export import main as export_main
+
+    scan = tmp_path / "in" / "case.nii.gz"
+    _itk_volume(phantom, scan)
+    export_main([f"run_dir={runs['seg']}", f"output={tmp_path / 'model'}"])
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "model" / "model.safetensors")).keys() == load_file(str(runs["seg"] / "prompts.safetensors")).keys()
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["format"] == "vpt.model" and config["task"] == "segmentation"
+    assert config["preprocessing"] == json.loads((runs["seg"] / "preprocessing.json").read_text())
+
+    predict(scan, tmp_path / "from_run", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    data = runs["phantoms"]
+    hidden = data.with_name("phantoms_away_for_export")
+    data.rename(hidden)
+    try:
+        result = run_cli([f"model={tmp_path / 'model'}", f"input={scan}", f"output={tmp_path / 'from_model'}",
+                          "save_probabilities=true", "device=cpu", "progress=false"], cwd=tmp_path, script="scripts/predict.py")
+    finally:
+        hidden.rename(data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("case.nii.gz", "case_probabilities.nii.gz"):
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "from_model" / name))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "from_run" / name))),
+        )
+
+
+def test_the_model_card_names_the_runs_metrics_classes_and_base(runs, tmp_path) -> None:
+    import json
+
+    from vpt.inference.export import export_model
+    from vpt.methods.trained_weights import read_trained_metadata
+
+    folder = export_model(runs["seg"], tmp_path / "card_model")
+    card = (folder / "README.md").read_text()
+    metrics = json.loads((runs["seg"] / "metrics.json").read_text())
+    scalars = {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)}
+    assert {"test/dice", "test/nsd"} <= set(scalars)
+    for key, value in scalars.items():
+        assert f"| {key} | {value:.4f} |" in card, key
+    for organ in metrics["test/per_organ"]:
+        assert f"| {organ} |" in card
+    base = read_trained_metadata(runs["seg"] / "prompts.safetensors")["base_encoder"]
+    assert base["fingerprint"] in card and "vit_tiny_patch16_224" in card and "random initialisation" in card
+    assert f"trained parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}" in card
+    assert f"vpt-predict model={folder.name}" in card and "CT window" in card
+    assert card.startswith("---\nlibrary_name: vpt\n")
+
+
+def test_export_never_overwrites_and_refuses_what_is_not_a_run(runs, tmp_path) -> None:
+    from vpt.inference.export import export_model, load_pretrained
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not an empty folder"):
+        export_model(runs["seg"], taken)
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="is not a finished vpt run"):
+        export_model(tmp_path, tmp_path / "out")
+    with pytest.raises(ConfigError, match="holds no model.safetensors"):
+        load_pretrained(taken)
+
+
+def test_load_pretrained_gives_the_runs_classifier(runs, tmp_path) -> None:
+    import vpt
+    from vpt.inference.export import export_model
+
+    folder = export_model(runs["cls"], tmp_path / "cls_model")
+    loaded = vpt.load_pretrained(folder, device="cpu")
+    run = load_run(run_dir=runs["cls"], device="cpu")
+    assert loaded.class_names == run.class_names == ["disk", "square", "triangle", "cross"]
+    assert loaded.preprocessing == run.preprocessing and loaded.parts.datamodule is None
+    images = torch.randn(3, 3, *loaded.preprocessing.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.parts.model(images), run.parts.model(images))

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vpt.methods import apply_method
     from vpt.metrics import volume_scores
+    from vpt.inference.export import load_pretrained
     from vpt.prompts import PromptedSamEncoder, PromptedViT
 
-__all__ = ["PromptedViT", "PromptedSamEncoder", "apply_method", "volume_scores"]
+__all__ = ["PromptedViT", "PromptedSamEncoder", "apply_method", "load_pretrained", "volume_scores"]
 
 # Imported on first use (PEP 562), so that ``import vpt`` (and every command-line tool's
 # ``--help``) does not pay for torch, timm and Lightning.
@@ -20,6 +21,7 @@ _LAZY_NAMES = {
     "PromptedSamEncoder": "vpt.prompts",
     "apply_method": "vpt.methods",
     "volume_scores": "vpt.metrics",
+    "load_pretrained": "vpt.inference.export",
 }
 
 

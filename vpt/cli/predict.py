@@ -2,10 +2,12 @@
 
     vpt-predict run_dir=outputs/2026-11-22/10-00-00 input=scans/ output=masks/
     vpt-predict weights=prompts.safetensors model.checkpoint=vit_b.npz input=ct.nii.gz output=masks/
+    vpt-predict model=models/organ_vpt input=scans/ output=masks/      # a folder vpt-export wrote
 
 Arguments are ``key=value`` pairs. This tool's own keys:
 
   run_dir=RUN                a finished run folder (its config.yaml and prompts.safetensors)
+  model=DIR                  a model folder written by vpt-export (model.safetensors, config.json)
   weights=FILE               a trained-weights file (alone: its stored config is used); give
                              several (weights=a weights=b ...) to classify with a prompt
                              bank: every task from one encoder pass, predictions_<task>.csv each
@@ -42,7 +44,7 @@ register_resolvers()
 
 _logger = logging.getLogger("vpt.predict")
 
-_OWN_KEYS = ("run_dir", "weights", "input", "output", "save_probabilities", "batch_size", "device", "progress")
+_OWN_KEYS = ("run_dir", "model", "weights", "input", "output", "save_probabilities", "batch_size", "device", "progress")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -88,6 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             overrides.append(f"{key}={value}")
     own["weights"] = weights[0] if weights else None
+    if own["model"]:
+        if own["run_dir"] or weights:
+            raise ConfigError("Pass one of model=<exported folder>, run_dir= or weights=, not several.")
+        from vpt.inference.export import model_weights
+
+        own["weights"] = str(model_weights(own["model"]))
     if not own["input"]:
         raise ConfigError("No input given; pass input=<a volume file, a folder of volumes or 2D images, or a DICOM series folder>.")
     # torch, Lightning and the backbones load only for a command that will run.
