@@ -522,3 +522,46 @@ def test_load_pretrained_gives_the_runs_classifier(runs, tmp_path) -> None:
     images = torch.randn(3, 3, *loaded.preprocessing.image_size)
     with torch.no_grad():
         torch.testing.assert_close(loaded.parts.model(images), run.parts.model(images))
+
+
+def test_an_old_version_run_still_evaluates_and_predicts(runs, phantom, tmp_path) -> None:
+    """A run saved before config_version, task.decoder and the saved preprocessing existed
+    (light decoder): its config is migrated explicitly, and it evaluates and predicts as before."""
+    import json
+
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vpt.cli.evaluate import evaluate
+
+    cfg = compose_config([
+        "experiment=quickstart", "task.decoder=light", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "num_preview_images=0",
+        f"task.data.root={runs['phantoms']}",
+    ])
+    trained = train(cfg, run_dir=tmp_path / "old")
+    scan = tmp_path / "in" / "case.nii.gz"
+    _itk_volume(phantom, scan)
+    predict(scan, tmp_path / "new_format", run_dir=tmp_path / "old", device="cpu", progress=False)
+
+    # Rewrite the run as an old version wrote it.
+    config = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del config["config_version"], config["task"]["decoder"]
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(config))
+    weights = tmp_path / "old" / "prompts.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    for key in ("preprocessing", "base_encoder"):
+        del metadata[key]
+    metadata["config"] = json.dumps(config)
+    save_file(load_file(str(weights)), str(weights), metadata=metadata)
+    (tmp_path / "old" / "preprocessing.json").unlink()
+
+    metrics = evaluate(run_dir=str(tmp_path / "old"), output=str(tmp_path / "eval"))
+    assert metrics["test/dice"] == pytest.approx(trained["test/dice"], abs=1e-6)
+    predict(scan, tmp_path / "old_format", run_dir=tmp_path / "old", device="cpu", progress=False)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "old_format" / "case.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "new_format" / "case.nii.gz"))),
+    )

@@ -107,11 +107,26 @@ def test_light_decoder_is_kept_and_multilevel_is_the_default() -> None:
     assert isinstance(light.decoder, PatchTokenDecoder)
     with pytest.raises(ConfigError, match="task.decoder"):
         build_segmenter(compose_config([*base, "task.decoder=unet"]), 4)
-    # A run folder's config from before the key existed: its weights are the light decoder's.
+    # A run folder's config from before the key existed (config_version 1): migrated explicitly
+    # to the light decoder its weights belong to; a current config without the key is refused.
+    from vpt.config_version import CONFIG_VERSION, migrate_run_config
+
     old_run = compose_config(base)
     OmegaConf.set_struct(old_run, False)
     del old_run.task["decoder"]
-    assert isinstance(build_segmenter(old_run, 4)[0].decoder, PatchTokenDecoder)
+    del old_run["config_version"]
+    migrated = migrate_run_config(old_run, "old/config.yaml")
+    assert migrated.config_version == CONFIG_VERSION and "decoder" not in old_run.task
+    assert isinstance(build_segmenter(migrated, 4)[0].decoder, PatchTokenDecoder)
+    current = compose_config(base)
+    assert current.config_version == CONFIG_VERSION
+    assert isinstance(build_segmenter(migrate_run_config(current, "new/config.yaml"), 4)[0].decoder, MultiLevelDecoder)
+    old_run.config_version = CONFIG_VERSION
+    with pytest.raises(ConfigError, match="task.decoder is not set"):
+        build_segmenter(old_run, 4)
+    old_run.config_version = CONFIG_VERSION + 1
+    with pytest.raises(ConfigError, match="newer vpt"):
+        migrate_run_config(old_run, "future/config.yaml")
 
 
 # -- 2.5D context -----------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def _config_of_checkpoint(checkpoint: dict[str, Any], path: Path) -> DictConfig:
     saved = checkpoint.get("hyper_parameters")
     if not isinstance(saved, dict) or not isinstance(saved.get("task"), dict) or not isinstance(saved.get("model"), dict):
         raise ConfigError(f"Checkpoint {path} carries no run config; pass run_dir=<the run folder it was trained in> too.")
-    return OmegaConf.create(saved)
+    from vpt.config_version import migrate_run_config
+
+    return migrate_run_config(OmegaConf.create(saved), str(path))
 
 
 def _new_evaluation_folder(run_dir: Optional[str], weights_path: Path, split: str, checkpoint: Optional[str]) -> Path:

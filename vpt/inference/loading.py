@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
+from vpt.config_version import migrate_run_config
 from vpt.errors import ConfigError, DataError
 from vpt.messages import rebuilding_a_run
 from vpt.methods import load_trained_weights
@@ -69,12 +70,12 @@ def config_and_weights(
         if not (folder / "config.yaml").is_file():
             raise ConfigError(f"{folder} is not a finished vpt run (no config.yaml); pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
         weights_path = Path(weights) if weights else folder / "prompts.safetensors"
-        return OmegaConf.load(folder / "config.yaml"), weights_path
+        return migrate_run_config(OmegaConf.load(folder / "config.yaml"), str(folder / "config.yaml")), weights_path
     if weights:
         metadata = read_trained_metadata(weights)
         if not isinstance(metadata.get("config"), dict):
             raise ConfigError(f"{weights} carries no run config; pass run_dir=<its run folder> instead.")
-        return OmegaConf.create(metadata["config"]), Path(weights)
+        return migrate_run_config(OmegaConf.create(metadata["config"]), str(weights)), Path(weights)
     raise ConfigError(f"Nothing to {purpose}; pass run_dir=<a run folder> or weights=<prompts.safetensors>.")
 
 

@@ -151,8 +151,11 @@ def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, d
     patch tokens only (:class:`~vpt.heads.PatchTokenDecoder`). ``task.decoder_dim`` sets
     the width of either.
     """
-    # Configs of runs made before task.decoder existed have no key: they trained the light one.
-    kind = str(cfg.task.get("decoder", "light"))
+    # Always set: the task configs state it, and vpt.config_version migrates older run configs.
+    kind = OmegaConf.select(cfg, "task.decoder", default=None)
+    if kind is None:
+        raise ConfigError(f"task.decoder is not set; use one of {', '.join(DECODERS)} (run configs from before it existed are migrated on loading).")
+    kind = str(kind)
     if kind not in DECODERS:
         raise ConfigError(f"task.decoder={kind} is not a decoder; use one of {', '.join(DECODERS)}.")
     vit, data = build_vit(cfg)
