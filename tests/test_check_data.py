@@ -415,3 +415,88 @@ def test_clean_copy_of_planted_folder(tmp_path: Path) -> None:
     assert check_dataset(tmp_path) == []
     shutil.rmtree(tmp_path / "labelsTr")
     assert ("good_a", "missing_label", "error") in reported(check_dataset(tmp_path))
+
+
+# -- the checker and the loaders see the same cases -------------------------------------------------
+
+
+def _loaded_case_ids(root: Path) -> set[str]:
+    from vpt.data.medical.layouts import find_cases
+
+    index = find_cases(root)
+    return {case.case_id for case in (*index.cases, *index.test, *index.unlabeled)}
+
+
+def _checked_case_ids(root: Path) -> set[str]:
+    return {case_id for _, case_id in examine_dataset(root, read_values=False).case_ids}
+
+
+def _nnunet_set(root: Path) -> None:
+    from vpt.data.medical import write_phantom_dataset
+
+    write_phantom_dataset(root, num_cases=5, shape=(8, 24, 24))
+    (root / "imagesTs").mkdir()
+    (root / "labelsTs").mkdir()
+    for number, labelled in ((90, True), (91, False)):
+        image = sitk.ReadImage(str(root / "imagesTr" / "phantom_000_0000.nii.gz"))
+        sitk.WriteImage(image, str(root / "imagesTs" / f"phantom_{number:03d}_0000.nii.gz"))
+        if labelled:
+            shutil.copy(root / "labelsTr" / "phantom_000.nii.gz", root / "labelsTs" / f"phantom_{number:03d}.nii.gz")
+
+
+def _synapse_set(root: Path) -> None:
+    (root / "train_npz").mkdir(parents=True)
+    label = np.zeros((8, 8), dtype=np.float32)
+    label[2:4, 2:4] = 1
+    for case in (5, 6):
+        for k in range(2):
+            np.savez(root / "train_npz" / f"case{case:04d}_slice{k:03d}.npz", image=np.zeros((8, 8), np.float32), label=label)
+    (root / "test_vol_h5").mkdir()
+    with h5py.File(root / "test_vol_h5" / "case0001.npy.h5", "w") as data:
+        data["image"], data["label"] = np.zeros((2, 8, 8), dtype=np.float32), np.ones((2, 8, 8), dtype=np.uint8)
+
+
+def _folder2d_set(root: Path) -> None:
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    mask = np.zeros((6, 7), dtype=np.uint8)
+    mask[2:4, 2:5] = 1
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((6, 7), 80, dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+
+
+@pytest.mark.parametrize("writer", [_nnunet_set, _synapse_set, _folder2d_set], ids=["nnunet", "synapse", "folder2d"])
+def test_check_data_and_the_loaders_list_the_same_cases(tmp_path: Path, writer) -> None:
+    root = tmp_path / "set"
+    writer(root)
+    assert _checked_case_ids(root) == _loaded_case_ids(root) != set()
+    # Problems at warning level (an empty label; an unknown file beside the cases) change neither list.
+    if writer is _folder2d_set:
+        Image.fromarray(np.zeros((6, 7), dtype=np.uint8)).save(root / "masks" / "c.png")
+        (root / "images" / "notes.txt").write_text("not an image")
+    elif writer is _synapse_set:
+        np.savez(root / "train_npz" / "case0006_slice001.npz", image=np.zeros((8, 8), np.float32), label=np.zeros((8, 8), np.float32))
+    else:
+        (root / "imagesTr" / "README.txt").write_text("notes")
+    check = examine_dataset(root, read_values=True)
+    assert not [p for p in check.problems if p.level == "error"], check.problems
+    assert _checked_case_ids(root) == _loaded_case_ids(root)
+
+
+@pytest.mark.parametrize("writer", [_nnunet_set, _folder2d_set], ids=["nnunet", "folder2d"])
+def test_a_case_the_loader_cannot_pair_is_an_error_of_the_checker(tmp_path: Path, writer) -> None:
+    """Where the two could disagree (an image without its label), the checker reports an error
+    for that case and the loader refuses the folder: neither silently drops the case."""
+    root = tmp_path / "set"
+    writer(root)
+    if writer is _folder2d_set:
+        (root / "masks" / "b.png").unlink()
+        missing = "b"
+    else:
+        (root / "labelsTr" / "phantom_002.nii.gz").unlink()
+        missing = "phantom_002"
+    errors = {(p.case, p.kind) for p in examine_dataset(root, read_values=False).problems if p.level == "error"}
+    assert (missing, "missing_label") in errors
+    with pytest.raises(DataError, match=missing):
+        _loaded_case_ids(root)

@@ -139,6 +139,9 @@ class DatasetCheck:
     layout: str
     cases: int
     problems: list[Problem]
+    #: The cases checked as ``(folder or split, case id)``, sorted: ``("Tr", "case_001")``,
+    #: ``("Ts", ...)``, ``("images", ...)`` (2D folders), ``("train_npz", ...)`` / ``("test_vol_h5", ...)``.
+    case_ids: tuple[tuple[str, str], ...] = ()
 
 
 class _Findings:
@@ -210,7 +213,7 @@ def examine_dataset(root: str | Path, layout: str = "auto", read_values: bool = 
     _logger.info(
         "%s (%s layout): %d cases, %d errors, %d warnings.", root, layout, len(findings.cases), errors, len(problems) - errors
     )
-    return DatasetCheck(layout, len(findings.cases), problems)
+    return DatasetCheck(layout, len(findings.cases), problems, tuple(sorted(findings.cases)))
 
 
 # -- shared helpers -------------------------------------------------------------------------
