@@ -565,3 +565,26 @@ def test_an_old_version_run_still_evaluates_and_predicts(runs, phantom, tmp_path
         sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "old_format" / "case.nii.gz"))),
         sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "new_format" / "case.nii.gz"))),
     )
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_the_training_and_prediction_readers_give_the_same_arrays_and_geometry(phantom, tmp_path, suffix) -> None:
+    """Training reads volumes with vpt.data.medical.io (nibabel for NIfTI, SimpleITK otherwise),
+    prediction with SimpleITK: for an oblique, shifted volume in each format they agree voxel for
+    voxel and on the geometry, and a NIfTI and an NRRD of the same volume read the same."""
+    from vpt.data.medical.io import read_volume_with_geometry
+    from vpt.inference.inputs import find_inputs
+    from vpt.inference.volumes import read_input_volume, volume_array
+
+    path = tmp_path / f"case{suffix}"
+    written = _itk_volume(phantom, path)
+    array, geometry = read_volume_with_geometry(path)
+    (item,) = find_inputs(path)
+    image = read_input_volume(item)
+    np.testing.assert_array_equal(volume_array(image, item), array)
+    np.testing.assert_array_equal(array, phantom)
+    np.testing.assert_allclose(geometry.spacing, tuple(reversed(image.GetSpacing())), atol=1e-5)
+    np.testing.assert_allclose(geometry.origin, image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(geometry.direction, image.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(geometry.origin, written.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(geometry.direction, written.GetDirection(), atol=1e-5)
