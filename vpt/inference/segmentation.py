@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import numpy as np
@@ -22,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpt.data.medical.datamodule import _UnitIntensity
-from vpt.data.medical.layouts import Case
+from vpt.data.medical.windowing import UnitIntensity, label_dtype
 from vpt.data.medical.slicing import SliceGeometry, context_stack
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.inference.tiling import slice_logits, to_original_grid
@@ -31,11 +29,6 @@ from vpt.inference.tiling import slice_logits, to_original_grid
 __all__ = ["SegmentationPreprocessing", "SlicePredictor", "label_dtype"]
 
 _logger = logging.getLogger(__name__)
-
-
-def label_dtype(num_classes: int) -> type[np.integer]:
-    """The smallest unsigned type for class indices ``0 .. num_classes - 1`` (uint8 up to 256 classes)."""
-    return np.uint8 if num_classes <= 256 else np.uint16
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ class SegmentationPreprocessing:
             float32 ``(D, H, W)`` in [0, 1].
         """
         # The data module's own rule, so windowing and its warnings are the ones testing used.
-        return _UnitIntensity("raw", self.window)(volume, Case(case_id, Path(source)))
+        return UnitIntensity("raw", self.window)(volume, case_id, source)
 
     @staticmethod
     def unit_image(rgb: np.ndarray) -> np.ndarray:

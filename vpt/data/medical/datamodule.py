@@ -59,7 +59,7 @@ from vpt.data.medical.phantom import (
 )
 from vpt.data.medical.slicing import SliceGeometry, context_stack
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
-from vpt.data.medical.windowing import ABDOMEN_WINDOW, scale_to_unit, window_ct
+from vpt.data.medical.windowing import ABDOMEN_WINDOW, UnitIntensity, label_dtype
 from vpt.data.splits import group_split
 from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set, warn_once
 from vpt.data.transforms import to_size
@@ -123,37 +123,6 @@ def _in_plane(spacing: Sequence[float] | None) -> tuple[float, float] | None:
     return None if spacing is None else (float(spacing[1]), float(spacing[2]))
 
 
-def _mask_dtype(num_classes: int) -> type[np.integer]:
-    # OpenCV warps 8- and 16-bit masks but not int32/int64 ones.
-    return np.uint8 if num_classes <= 256 else np.uint16
-
-
-@dataclass(frozen=True)
-class _UnitIntensity:
-    """Maps a case's image to [0, 1]: a small picklable callable, so loader workers get only this.
-
-    Attributes:
-        intensity: ``"raw"`` (scanner units) or ``"unit"`` (already in [0, 1]), from the layout.
-        window: CT window in HU for raw images; ``None`` scales each volume by its percentiles.
-    """
-
-    intensity: str
-    window: tuple[float, float] | None
-
-    def __call__(self, image: np.ndarray, case: Case) -> np.ndarray:
-        """Map ``image`` (any shape, one whole case) to float32 [0, 1], shape kept."""
-        if self.intensity == "unit":
-            return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
-        if self.window is None:
-            return scale_to_unit(image)
-        if image.size and float(image.min()) >= 0.0 and float(image.max()) <= 1.0:
-            _logger.warning(
-                "Image %s of case %s is already in [0, 1], not HU; set task.data.window=null if it is not CT.",
-                case.image, case.case_id,
-            )
-        return window_ct(image, *self.window)
-
-
 @dataclass(frozen=True)
 class _CasePreprocessor:
     """Reads, checks and scales one case as the cache stores it: a small picklable callable.
@@ -163,7 +132,7 @@ class _CasePreprocessor:
         num_classes: Number of classes, to check (and type) the labels.
     """
 
-    to_unit: _UnitIntensity
+    to_unit: UnitIntensity
     num_classes: int
 
     def __call__(self, case: Case) -> CaseArrays:
@@ -176,9 +145,9 @@ class _CasePreprocessor:
         assert arrays.image is not None and arrays.label is not None, "cached cases are labelled"
         label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
         check_label_values(label, self.num_classes, case.case_id, case.label)
-        arrays.label = label.astype(_mask_dtype(self.num_classes), copy=False)
+        arrays.label = label.astype(label_dtype(self.num_classes), copy=False)
         # Scaled as a whole volume, so percentile scaling is the same as without the cache.
-        arrays.image = self.to_unit(arrays.image, case).astype(np.float16)
+        arrays.image = self.to_unit(arrays.image, case.case_id, case.image).astype(np.float16)
         return arrays
 
 
@@ -233,7 +202,7 @@ class SliceDataset(Dataset):
         self.records = list(records)
         self.transform = transform  # the name reseed_worker_transform looks for
         self.mean, self.std = tuple(mean), tuple(std)
-        self.mask_dtype = _mask_dtype(num_classes)
+        self.mask_dtype = label_dtype(num_classes)
         self.geometry = geometry
 
     def __len__(self) -> int:
@@ -336,7 +305,7 @@ class VolumeDataset(Dataset):
             assert arrays.image is not None and arrays.label is not None, "evaluation cases are labelled"
             label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
             check_label_values(label, self.num_classes, case.case_id, case.label)
-            unit, spacing = self.to_unit(arrays.image, case), arrays.spacing
+            unit, spacing = self.to_unit(arrays.image, case.case_id, case.image), arrays.spacing
         geometry = self.geometry
         context = geometry.context_slices if geometry is not None else 0
         in_plane = tuple(spacing[1:]) if spacing is not None else None
@@ -377,7 +346,7 @@ class VolumeDataset(Dataset):
         if self.cache is not None:
             unit = self.cache.entry(case).image()
         else:
-            unit = self.to_unit(load_case(case).image, case)  # type: ignore[arg-type]
+            unit = self.to_unit(load_case(case).image, case.case_id, case.image)  # type: ignore[arg-type]
         planes = np.stack([np.asarray(unit[int(position)], dtype=np.float32) for position in positions])
         direction = read_volume_geometry(case.image).direction if case.kind == "volume" else None
         return np.clip(planes, 0.0, 1.0), display_orientation(direction)
@@ -536,7 +505,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         self._split_cases: dict[str, list[Case]] | None = None
         self._records: dict[str, list[_SliceRecord]] = {}
         self._datasets: dict[tuple[str, bool], Dataset] = {}
-        self._unit_intensity: _UnitIntensity | None = None
+        self._unit_intensity: UnitIntensity | None = None
 
     # -- data on disk ---------------------------------------------------------------------
 
@@ -712,14 +681,14 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         )
         return None
 
-    def _intensity(self) -> _UnitIntensity:
+    def _intensity(self) -> UnitIntensity:
         """The rule that maps this data set's images to [0, 1]."""
         if self._unit_intensity is None:
             intensity = self.case_index().intensity
             window = self.resolved_window()
             if intensity == "unit" and window is not None:
                 log_setup(_logger, logging.INFO, "%s images are already in [0, 1]; the CT window %s is not applied.", self.root, window)
-            self._unit_intensity = _UnitIntensity(intensity, window)
+            self._unit_intensity = UnitIntensity(intensity, window)
         return self._unit_intensity
 
     def volume_cache(self) -> VolumeCache | None:
@@ -735,7 +704,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 "intensity": intensity.intensity,
                 "window": list(intensity.window) if intensity.window is not None else None,
                 "num_classes": num_classes,
-                "label_dtype": np.dtype(_mask_dtype(num_classes)).name,
+                "label_dtype": np.dtype(label_dtype(num_classes)).name,
                 "binary_0_255_as_0_1": num_classes == 2,
                 "image_dtype": "float16",
             }
@@ -770,7 +739,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         if split in self._records:
             return self._records[split]
         num_classes = self.num_classes
-        mask_dtype = _mask_dtype(num_classes)
+        mask_dtype = label_dtype(num_classes)
         cache = self.volume_cache()
         records: list[_SliceRecord] = []
         for case in self.cases(split):
@@ -810,7 +779,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             positions = self._select_slices(arrays.label.reshape(len(arrays.label), -1).any(axis=1), case.case_id)
             # Scaled as a whole volume (percentile scaling must match the test volumes'), then only
             # the chosen slices are kept, in half precision: [0, 1] needs no more.
-            unit = self._intensity()(arrays.image, case)
+            unit = self._intensity()(arrays.image, case.case_id, case.image)
             context = self.geometry.context_slices
             images = [context_stack(unit, int(position), context).astype(np.float16) for position in positions]
             del unit

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from vpt.errors import ConfigError
 
-__all__ = ["ABDOMEN_WINDOW", "window_ct", "scale_to_unit"]
+__all__ = ["ABDOMEN_WINDOW", "UnitIntensity", "label_dtype", "window_ct", "scale_to_unit"]
 
 _logger = logging.getLogger(__name__)
 
@@ -55,3 +56,37 @@ def scale_to_unit(image: np.ndarray) -> np.ndarray:
     if high <= low:  # a constant image carries no contrast to keep
         return np.zeros_like(image)
     return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def label_dtype(num_classes: int) -> type[np.integer]:
+    """The label type of ``num_classes`` classes in training, testing and prediction alike: the
+    smallest unsigned type (uint8 up to 256 classes; OpenCV warps 8- and 16-bit masks, not 32/64-bit)."""
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+@dataclass(frozen=True)
+class UnitIntensity:
+    """Maps a case's image to [0, 1], for training, testing and prediction alike: a small
+    picklable callable, so loader workers get only this.
+
+    Attributes:
+        intensity: ``"raw"`` (scanner units) or ``"unit"`` (already in [0, 1]), from the layout.
+        window: CT window in HU for raw images; ``None`` scales each volume by its percentiles.
+    """
+
+    intensity: str
+    window: tuple[float, float] | None
+
+    def __call__(self, image: np.ndarray, case_id: str, source: object) -> np.ndarray:
+        """Map ``image`` (any shape, one whole case) to float32 [0, 1], shape kept; ``case_id``
+        and ``source`` (its file) name the case in the warning below."""
+        if self.intensity == "unit":
+            return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+        if self.window is None:
+            return scale_to_unit(image)
+        if image.size and float(image.min()) >= 0.0 and float(image.max()) <= 1.0:
+            _logger.warning(
+                "Image %s of case %s is already in [0, 1], not HU; set task.data.window=null if it is not CT.",
+                source, case_id,
+            )
+        return window_ct(image, *self.window)
