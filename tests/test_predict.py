@@ -588,3 +588,29 @@ def test_the_training_and_prediction_readers_give_the_same_arrays_and_geometry(p
     np.testing.assert_allclose(geometry.direction, image.GetDirection(), atol=1e-5)
     np.testing.assert_allclose(geometry.origin, written.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(geometry.direction, written.GetDirection(), atol=1e-5)
+
+
+def test_push_to_hub_uploads_the_written_folder_or_refuses_before_writing(runs, tmp_path, monkeypatch) -> None:
+    """No network here: a stand-in HfApi records the calls; without huggingface_hub nothing is written."""
+    import sys
+    import types
+
+    from vpt.inference.export import export_model
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok=False):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id):
+            calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir()), repo_id))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=RecordingApi))
+    export_model(runs["seg"], tmp_path / "hub_model", push_to_hub="someone/organs")
+    assert calls == [("create_repo", "someone/organs", True),
+                     ("upload_folder", ["README.md", "config.json", "model.safetensors"], "someone/organs")]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when it is not installed
+    with pytest.raises(ConfigError, match="pip install huggingface_hub"):
+        export_model(runs["seg"], tmp_path / "not_written", push_to_hub="someone/organs")
+    assert not (tmp_path / "not_written").exists()
