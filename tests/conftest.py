@@ -94,9 +94,23 @@ def as_unprivileged():
             finally:
                 os._exit(status)
         os.close(write_end)
+        # A child that hangs (a thread pool after fork) is killed rather than waited on forever;
+        # its report (a traceback, far below the pipe's buffer) is read once it has exited.
+        import time
+
+        deadline = time.monotonic() + 300
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                os.close(read_end)
+                pytest.fail("the unprivileged check did not finish in 300 s and was killed", pytrace=False)
+            time.sleep(0.05)
         with os.fdopen(read_end, "rb") as pipe:
             report = pipe.read().decode("utf-8", "replace")
-        _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             pytest.fail(f"the unprivileged check failed:\n{report}", pytrace=False)
 

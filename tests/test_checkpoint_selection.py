@@ -234,3 +234,17 @@ def test_a_checkpoint_of_another_model_is_one_sentence_and_changes_nothing(runs:
     message = str(error.value)
     assert "\n" not in message and "lacks" in message and "other shapes" in message and "prompt_embeddings" in message
     assert _digest(run_dir) == before
+
+
+def test_resuming_an_old_light_decoder_checkpoint_with_another_decoder_is_refused() -> None:
+    """A checkpoint of a run from before task.decoder (config_version 1) trained the light
+    decoder: resuming it into a multilevel run is one sentence, not a state-dict error."""
+    from vpt.errors import CheckpointError
+    from vpt.training import check_resume_fits
+
+    old = {"method": {"name": "vpt_deep"}, "model": {"name": "vit_tiny_patch16_224", "img_size": 32},
+           "task": {"name": "segmentation"}, "optimizer": {"name": "adamw"}}
+    now = {**old, "config_version": 2, "task": {"name": "segmentation", "decoder": "multilevel"}}
+    with pytest.raises(CheckpointError, match="task.decoder=light but this run has task.decoder=multilevel"):
+        check_resume_fits({"hyper_parameters": old}, now, "old.ckpt")
+    check_resume_fits({"hyper_parameters": old}, {**now, "task": {"name": "segmentation", "decoder": "light"}}, "old.ckpt")

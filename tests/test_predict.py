@@ -364,25 +364,54 @@ def test_several_prompt_files_predict_in_one_pass_as_each_alone(runs, tmp_path) 
 
 
 def test_the_saved_preprocessing_is_what_the_data_module_applies(runs) -> None:
-    """preprocessing.json, the weights' metadata and the run's own data module agree."""
+    """preprocessing.json equals the weights' record, and the inputs the saved record makes of a
+    test case's file are the tensors the run's test loader gave that case."""
     import json
 
     from omegaconf import OmegaConf
 
     from vpt.data.preprocessing import PREPROCESSING_FILE, Preprocessing
+    from vpt.inference.segmentation import SegmentationPreprocessing
     from vpt.methods.trained_weights import read_trained_metadata
     from vpt.tasks import build_task
 
-    for name, task in (("seg", "segmentation"), ("cls", "classification")):
+    for name in ("seg", "cls"):
         on_disk = json.loads((runs[name] / PREPROCESSING_FILE).read_text())
         assert read_trained_metadata(runs[name] / "prompts.safetensors")["preprocessing"] == on_disk
-        parts = build_task(OmegaConf.load(runs[name] / "config.yaml"))
-        parts.datamodule.setup("fit")
-        rebuilt = Preprocessing.from_datamodule(task, parts.datamodule, parts.metadata["class_names"])
-        assert Preprocessing.from_dict(on_disk) == rebuilt
     saved = Preprocessing.from_dict(json.loads((runs["seg"] / PREPROCESSING_FILE).read_text()))
-    assert saved.window == (-125.0, 275.0) and saved.context_slices == 1 and saved.sliced  # CT phantoms, 2.5D
+    assert saved.intensity == "raw" and saved.window == (-125.0, 275.0) and saved.context_slices == 1 and saved.sliced
     assert saved.class_names[0] == "background" and len(saved.class_names) == 9
+
+    datamodule = build_task(OmegaConf.load(runs["seg"] / "config.yaml")).datamodule
+    datamodule.setup("test")
+    case = datamodule.cases("test")[0]
+    loaded = datamodule.volume_dataset("test")[0]["image"]  # (D, 3, H, W), as testing scored it
+    volume, spacing = read_volume(case.image)
+    preprocessing = SegmentationPreprocessing.from_preprocessing(saved)
+    unit = preprocessing.unit_volume(volume, case.case_id, str(case.image))
+    made = preprocessing.volume_inputs(unit, 0, volume.shape[0], spacing=(spacing[1], spacing[2]))
+    assert made.shape == loaded.shape
+    torch.testing.assert_close(made, loaded, atol=2e-3, rtol=0)  # the training cache stores float16
+
+
+def test_the_record_says_when_a_layout_was_already_in_unit_range(tmp_path) -> None:
+    """2D folders (and Synapse slices) are only clipped in training: the record says so."""
+    from tests.test_medical_data import write_folder2d
+    from vpt.data.medical import VolumeSegmentationDataModule
+    from vpt.data.preprocessing import Preprocessing
+
+    write_folder2d(tmp_path / "folder")
+    module = VolumeSegmentationDataModule(tmp_path / "folder", num_classes=3, image_size=8, val_fraction=0, test_fraction=0)
+    metadata = {"input_size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3, "class_names": ["background", "a", "b"]}
+    record = Preprocessing.from_datamodule("segmentation", module, metadata)
+    assert record.intensity == "unit" and record.image_size == (8, 8) and record.num_classes == 3
+    assert Preprocessing.from_dict(record.to_dict()) == record
+    from vpt.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not valid"):
+        Preprocessing.from_dict({**record.to_dict(), "image_size": 224}, "bad.safetensors")
+    with pytest.raises(CheckpointError, match="version"):
+        Preprocessing.from_dict({**record.to_dict(), "version": 99}, "new.safetensors")
 
 
 def test_predict_after_the_training_data_is_gone_equals_predict_before(runs, phantom, tmp_path) -> None:
@@ -610,7 +639,37 @@ def test_push_to_hub_uploads_the_written_folder_or_refuses_before_writing(runs, 
     export_model(runs["seg"], tmp_path / "hub_model", push_to_hub="someone/organs")
     assert calls == [("create_repo", "someone/organs", True),
                      ("upload_folder", ["README.md", "config.json", "model.safetensors"], "someone/organs")]
+    class FailingApi(RecordingApi):
+        def upload_folder(self, folder_path, repo_id):
+            raise RuntimeError("401 Client Error: Unauthorized")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FailingApi))
+    with pytest.raises(ConfigError, match=r"Wrote .*uploading it to someone/organs failed .*401.*huggingface-cli login"):
+        export_model(runs["seg"], tmp_path / "upload_fails", push_to_hub="someone/organs")
+    assert (tmp_path / "upload_fails" / "model.safetensors").is_file()  # the folder stays written
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when it is not installed
     with pytest.raises(ConfigError, match="pip install huggingface_hub"):
         export_model(runs["seg"], tmp_path / "not_written", push_to_hub="someone/organs")
     assert not (tmp_path / "not_written").exists()
+
+
+def test_a_prompt_bank_refuses_files_trained_on_other_base_weights(runs, tmp_path) -> None:
+    """Same backbone name, other weights (another fingerprint): not one bank."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vpt.errors import CheckpointError
+    from vpt.prompts import PromptBank
+
+    source = runs["cls"] / "prompts.safetensors"
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    import json
+
+    base = json.loads(metadata["base_encoder"])
+    save_file(load_file(str(source)), str(tmp_path / "a.safetensors"), metadata=metadata)
+    save_file(load_file(str(source)), str(tmp_path / "b.safetensors"), metadata={**metadata, "base_encoder": json.dumps({**base, "fingerprint": "0" * 64})})
+    model = load_run(run_dir=runs["cls"], device="cpu").parts.model
+    PromptBank.from_files(model, [tmp_path / "a.safetensors", source])  # same weights: one bank
+    with pytest.raises(CheckpointError, match="another base encoder"):
+        PromptBank.from_files(model, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])

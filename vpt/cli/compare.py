@@ -140,7 +140,15 @@ def _read_config(path: Path) -> Optional[dict[str, Any]]:
     if not isinstance(config, dict):
         _logger.warning("Skipping %s: config.yaml holds no key/value table.", path.parent)
         return None
-    return config
+    from vpt.config_version import migrate_run_config
+    from vpt.errors import ConfigError
+
+    try:  # runs of older vpt versions are compared as they are read today
+        migrated = OmegaConf.to_container(migrate_run_config(OmegaConf.create(config), str(path)), resolve=False)
+    except ConfigError as error:
+        _logger.warning("Skipping %s: %s", path.parent, error)
+        return None
+    return migrated  # type: ignore[return-value]
 
 
 def _is_number(value: Any) -> bool:

@@ -163,6 +163,11 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         parts.datamodule.prepare_data()
         parts.datamodule.setup("fit")
         parts.datamodule.check_cases()
+    # What prediction will need besides the weights, resolved now (a failure stops the run
+    # before training, not after it): saved with the weights and as preprocessing.json.
+    preprocessing = None
+    if parts.metadata.get("task") in ("segmentation", "classification"):
+        preprocessing = Preprocessing.from_datamodule(parts.metadata["task"], parts.datamodule, parts.metadata)
     if test_checkpoint == "best" and launched_rank == 0:
         warn_if_validation_cannot_choose(parts.datamodule, cfg.monitor)
     counts = parameter_groups(parts.model)
@@ -202,9 +207,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
         return metrics
     # The model now holds the weights that were tested (trainer.test loaded best.ckpt into it).
     extra: dict[str, Any] = {"base_encoder": base_encoder}
-    if parts.metadata.get("task") in ("segmentation", "classification"):
-        # What prediction needs besides the weights (no data folder): resolved to numbers.
-        preprocessing = Preprocessing.from_datamodule(parts.metadata["task"], parts.datamodule, parts.metadata["class_names"])
+    if preprocessing is not None:
         preprocessing.write(run_dir)
         extra["preprocessing"] = preprocessing.to_dict()
     save_trained_weights(

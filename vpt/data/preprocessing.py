@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from vpt.errors import CheckpointError
+from vpt.errors import CheckpointError, ConfigError
 
 __all__ = ["PREPROCESSING_FILE", "PREPROCESSING_VERSION", "Preprocessing"]
 
@@ -43,8 +43,12 @@ class Preprocessing:
         mean: Normalisation mean per RGB channel, in [0, 1] units.
         std: Normalisation standard deviation per RGB channel.
         class_names: Class names by output index (segmentation: background first).
-        window: Segmentation of scans: the CT window ``(low, high)`` in HU that maps them to
-            [0, 1]; ``None`` scales each volume by its 0.5/99.5 percentiles instead.
+        intensity: Segmentation: ``"raw"`` (scanner units, mapped to [0, 1] by ``window``) or
+            ``"unit"`` (the layout's images are already in [0, 1] and are only clipped, as
+            Synapse slices and 2D folders are).
+        window: Segmentation: the CT window ``(low, high)`` in HU that maps raw scans to
+            [0, 1] (training's raw cases, and every scan given to ``vpt-predict``); ``None``
+            scales each volume by its 0.5/99.5 percentiles instead.
         modality: The first channel's modality from the data set's ``dataset.json`` (what
             decided ``window: auto``), ``None`` when it says none.
         context_slices: 0 (one slice as the three channels) or 1 (slices z-1, z, z+1).
@@ -61,6 +65,7 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: tuple[str, ...]
+    intensity: str = "raw"
     window: Optional[tuple[float, float]] = None
     modality: Optional[str] = None
     context_slices: int = 0
@@ -86,24 +91,36 @@ class Preprocessing:
     # -- building and saving --------------------------------------------------------------------
 
     @classmethod
-    def from_datamodule(cls, task: str, datamodule: Any, class_names: Sequence[str]) -> "Preprocessing":
-        """The preprocessing a data module built from a run config applies.
+    def from_datamodule(cls, task: str, datamodule: Any, metadata: Mapping[str, Any]) -> "Preprocessing":
+        """The preprocessing a run's data module applies, with the model's input settings.
 
         Args:
             task: ``"segmentation"`` or ``"classification"``.
-            datamodule: The run's data module (a volume data module resolves ``window: auto``
-                from its ``dataset.json`` here).
-            class_names: The model's classes by output index.
+            datamodule: The run's data module. A volume data module gives its intensity rule
+                (resolving ``window: auto`` from ``dataset.json``) and its slice geometry; any
+                other gives only what the model's settings say.
+            metadata: The task's model metadata (``input_size``, ``mean``, ``std`` the model
+                passed to the data module, ``class_names``).
+
+        Raises:
+            ConfigError: Settings that are not numbers of the expected length.
         """
-        common = dict(
-            task=task,
-            image_size=_pair(datamodule.image_size, int),
-            mean=tuple(float(v) for v in datamodule.mean),
-            std=tuple(float(v) for v in datamodule.std),
-            class_names=tuple(str(name) for name in class_names),
-        )
+        try:
+            common = dict(
+                task=task,
+                image_size=_pair(list(metadata["input_size"])[-2:], int),
+                mean=tuple(float(v) for v in metadata["mean"]),
+                std=tuple(float(v) for v in metadata["std"]),
+                class_names=tuple(str(name) for name in metadata["class_names"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ConfigError(f"The run's model settings cannot be saved as its preprocessing ({error!r}); report this with the run's config.yaml.") from None
         if task != "segmentation":
             return cls(**common)  # type: ignore[arg-type]
+        intensity = "raw"
+        case_index = getattr(datamodule, "case_index", None)
+        if callable(case_index):
+            intensity = str(case_index().intensity)
         resolve = getattr(datamodule, "resolved_window", None)
         window = resolve() if callable(resolve) else getattr(datamodule, "window", None)
         modality = None
@@ -115,6 +132,7 @@ class Preprocessing:
         geometry = getattr(datamodule, "geometry", None)
         return cls(
             **common,  # type: ignore[arg-type]
+            intensity=intensity,
             window=_pair(window),
             modality=modality,
             context_slices=int(geometry.context_slices) if geometry is not None else 0,
@@ -149,20 +167,27 @@ class Preprocessing:
                 f"{source} holds an incomplete preprocessing record (missing {missing or 'a known task'}); "
                 "predict with run_dir=<its run folder> instead."
             )
-        return cls(
-            task=str(values["task"]),
-            image_size=_pair(values["image_size"], int),  # type: ignore[arg-type]
-            mean=tuple(float(v) for v in values["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in values["std"]),  # type: ignore[arg-type]
-            class_names=tuple(str(name) for name in values["class_names"]),
-            window=_pair(values.get("window")),
-            modality=values.get("modality"),
-            context_slices=int(values.get("context_slices", 0)),
-            spacing=_pair(values.get("spacing")),
-            patch_size=_pair(values.get("patch_size"), int),
-            tile_overlap=float(values.get("tile_overlap", 0.5)),
-            sliced=bool(values.get("sliced", False)),
-        )
+        try:
+            record = cls(
+                task=str(values["task"]),
+                image_size=_pair(values["image_size"], int),  # type: ignore[arg-type]
+                mean=tuple(float(v) for v in values["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in values["std"]),  # type: ignore[arg-type]
+                class_names=tuple(str(name) for name in values["class_names"]),
+                intensity=str(values.get("intensity", "raw")),
+                window=_pair(values.get("window")),
+                modality=values.get("modality"),
+                context_slices=int(values.get("context_slices", 0)),
+                spacing=_pair(values.get("spacing")),
+                patch_size=_pair(values.get("patch_size"), int),
+                tile_overlap=float(values.get("tile_overlap", 0.5)),
+                sliced=bool(values.get("sliced", False)),
+            )
+        except (TypeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"{source} holds a preprocessing record that is not valid ({error}); predict with run_dir=<its run folder> instead.") from None
+        if len(record.mean) != 3 or len(record.std) != 3 or record.intensity not in ("raw", "unit") or not record.class_names:
+            raise CheckpointError(f"{source} holds a preprocessing record that is not valid (mean/std of 3, intensity raw or unit, class names); predict with run_dir=<its run folder> instead.")
+        return record
 
     def write(self, folder: Path) -> Path:
         """Write ``preprocessing.json`` into ``folder`` (atomically); returns its path."""

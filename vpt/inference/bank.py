@@ -261,6 +261,14 @@ class PromptBank(nn.Module):
                     f"{path} was trained on backbone={meta.get('backbone')}, not {expected_backbone}; "
                     "a bank takes files of one backbone."
                 )
+            # Same name is not same weights: files that record their base encoder must share it.
+            fingerprint = (meta.get("base_encoder") or {}).get("fingerprint")
+            first_fingerprint = (first.get("base_encoder") or {}).get("fingerprint")
+            if fingerprint and first_fingerprint and fingerprint != first_fingerprint:
+                raise CheckpointError(
+                    f"{path} was trained on another base encoder than {first_path} (fingerprint {fingerprint[:12]} vs "
+                    f"{first_fingerprint[:12]}, both {expected_backbone}); a bank takes files trained on the same weights."
+                )
 
         deep = method == "vpt_deep"
         if isinstance(vit, PromptedViT):

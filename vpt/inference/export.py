@@ -76,6 +76,12 @@ def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "n/a"
 
 
+def _own_weights_licence(base: Mapping[str, Any]) -> str:
+    if base.get("checkpoint"):
+        return f"that of the checkpoint file `{base['checkpoint']}` (vpt does not know it: check it before you share this model)"
+    return "none needed for the base (random initialisation); the trained tensors are yours"
+
+
 def _licence(name: str) -> str:
     lowered = name.lower()
     for needle, licence in _KNOWN_LICENCES:
@@ -124,7 +130,7 @@ def model_card(metadata: Mapping[str, Any], metrics: Mapping[str, Any], folder_n
         f"- family `{base.get('family', (config.get('model') or {}).get('family'))}`, model `{backbone}`, from {source}",
         f"- fingerprint (SHA-256 of its frozen weights): `{base.get('fingerprint', 'not recorded')}`; "
         "prediction refuses a base encoder with another fingerprint",
-        f"- licence: {_licence(backbone)}",
+        f"- licence: {_licence(backbone) if base.get('pretrained') else _own_weights_licence(base)}",
         "",
         "## Method",
         "",
@@ -139,7 +145,11 @@ def model_card(metadata: Mapping[str, Any], metrics: Mapping[str, Any], folder_n
     if task == "segmentation":
         window = preprocessing.get("window")
         modality = preprocessing.get("modality")
-        intensity = f"CT window {window} HU" if window else "each volume scaled by its 0.5/99.5 percentiles"
+        rule = f"CT window {window} HU" if window else "each volume scaled by its 0.5/99.5 percentiles"
+        if preprocessing.get("intensity") == "unit":
+            intensity = f"the training images were already in [0, 1] (only clipped); scans given to vpt-predict: {rule}"
+        else:
+            intensity = rule
         lines.append(f"- modality: {modality or 'not stated by the data set'}; intensities: {intensity}")
         spacing = preprocessing.get("spacing")
         slices = "z-1, z, z+1 as channels (2.5D)" if preprocessing.get("context_slices") else "one slice"
@@ -208,7 +218,10 @@ def export_model(run_dir: str | Path, output: str | Path, push_to_hub: Optional[
         _hub_api()  # refuse before writing anything
     check_folder_writable(out, "output")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "prompts.safetensors", out / MODEL_WEIGHTS)
+    try:
+        shutil.copyfile(run / "prompts.safetensors", out / MODEL_WEIGHTS)
+    except OSError as error:
+        raise ConfigError(f"Cannot write {out / MODEL_WEIGHTS} ({error.strerror}); free space or choose another output=.") from None
     config = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -227,8 +240,14 @@ def export_model(run_dir: str | Path, output: str | Path, push_to_hub: Optional[
     atomic_write_text(out / MODEL_CARD, model_card(metadata, metrics, out.name))
     if push_to_hub:
         api = _hub_api()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub)
+        try:
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(folder_path=str(out), repo_id=push_to_hub)
+        except Exception as error:  # HTTP, login and network errors of huggingface_hub
+            raise ConfigError(
+                f"Wrote {out}, but uploading it to {push_to_hub} failed ({type(error).__name__}: {error}); "
+                "log in with `huggingface-cli login` and check the repository id, then upload the folder again."
+            ) from None
     return out
 
 

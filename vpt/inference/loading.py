@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
 from vpt.config_version import migrate_run_config
-from vpt.errors import ConfigError, DataError
+from vpt.errors import CheckpointError, ConfigError, DataError
 from vpt.messages import rebuilding_a_run
 from vpt.methods import load_trained_weights
 from vpt.data.preprocessing import Preprocessing
@@ -156,8 +156,9 @@ class LoadedRun:
     def eval_batch_size(self, default: int) -> int:
         """The batch size the run evaluated with (``task.data.eval_batch_size``), else ``default``."""
         size = getattr(self.parts.datamodule, "eval_batch_size", None)
-        if size is None:
+        if size is None:  # as the data modules do: eval_batch_size, else the training batch size
             size = OmegaConf.select(self.config, "task.data.eval_batch_size", default=None)
+            size = size or OmegaConf.select(self.config, "task.data.batch_size", default=None)
         return int(size) if size else default
 
     @property
@@ -231,11 +232,16 @@ def rebuild_run(cfg: DictConfig, weights_path: Path, device: Optional[str] = Non
     if isinstance(record, dict):
         # The weights carry their preprocessing: the model is built from it, no data folder read.
         preprocessing = Preprocessing.from_dict(record, str(weights_path))
+        if preprocessing.task != str(cfg.task.name):
+            raise CheckpointError(
+                f"{weights_path} holds the preprocessing of a {preprocessing.task} run but its config is a {cfg.task.name} "
+                "run; pass the weights file of that run (or its run_dir=)."
+            )
         with rebuilding_a_run():
             parts = build_for_prediction(cfg, preprocessing)
     else:
         parts = _build_from_data(cfg, weights_path)
-        preprocessing = Preprocessing.from_datamodule(str(cfg.task.name), parts.datamodule, parts.metadata.get("class_names") or [])
+        preprocessing = Preprocessing.from_datamodule(str(cfg.task.name), parts.datamodule, parts.metadata)
     check_base_encoder(saved.get("base_encoder"), base_encoder_identity(cfg.model, parts.model), weights_path)
     trained = load_trained_weights(parts.model, weights_path)
     built_names = list(parts.metadata.get("class_names") or [])

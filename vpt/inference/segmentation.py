@@ -54,20 +54,6 @@ class SegmentationPreprocessing:
         """The evaluation preprocessing a run saved (:class:`vpt.data.preprocessing.Preprocessing`)."""
         return cls(preprocessing.image_size, preprocessing.mean, preprocessing.std, preprocessing.window, preprocessing.geometry())
 
-    @classmethod
-    def from_datamodule(cls, datamodule: Any) -> "SegmentationPreprocessing":
-        """Read the settings of a ``VolumeSegmentationDataModule`` built from the run config."""
-        # A data module that resolves ``window: auto`` from its dataset.json says which window it used.
-        resolve = getattr(datamodule, "resolved_window", None)
-        window = resolve() if callable(resolve) else datamodule.window
-        return cls(
-            tuple(int(side) for side in datamodule.image_size),  # type: ignore[arg-type]
-            tuple(float(value) for value in datamodule.mean),  # type: ignore[arg-type]
-            tuple(float(value) for value in datamodule.std),  # type: ignore[arg-type]
-            None if window is None else (float(window[0]), float(window[1])),
-            getattr(datamodule, "geometry", None),
-        )
-
     def unit_volume(self, volume: np.ndarray, case_id: str, source: str) -> np.ndarray:
         """Map a raw volume (HU for CT, any unit otherwise) to [0, 1] as training did.
 

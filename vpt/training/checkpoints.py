@@ -393,7 +393,13 @@ def check_resume_fits(checkpoint: Mapping[str, Any], cfg: Mapping[str, Any], pat
     saved = checkpoint.get("hyper_parameters") or {}
     if not isinstance(saved, Mapping) or "method" not in saved:
         return  # not written by vpt-train; the state-dict check will speak
-    for section, keys in (("model", ("name", "img_size")), ("task", ("name",))):
+    from omegaconf import OmegaConf
+
+    from vpt.config_version import migrate_run_config
+
+    # A checkpoint of an older vpt: its config as it is read today (e.g. no task.decoder = light).
+    saved = OmegaConf.to_container(migrate_run_config(OmegaConf.create(dict(saved)), str(path)))  # type: ignore[assignment]
+    for section, keys in (("model", ("name", "img_size")), ("task", ("name", "decoder"))):
         before, now = saved.get(section) or {}, cfg.get(section) or {}
         for key in keys:
             if before.get(key) != now.get(key):
