@@ -28,6 +28,7 @@ ARGUMENT_ERRORS = {
     "vpt.cli.compare": ["--no-such-flag"],
     "vpt.cli.predict": ["output=out"],
     "vpt.cli.check_data": [],
+    "vpt.cli.export": ["output=out"],
 }
 
 
