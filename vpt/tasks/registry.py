@@ -37,14 +37,19 @@ TaskBuilder = Callable[[DictConfig], TaskParts]
 _TASKS: Dict[str, TaskBuilder] = {}
 
 
-def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
-    def decorator(builder: TaskBuilder) -> TaskBuilder:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is registered twice")
-        _TASKS[name] = builder
+def _registrar(table: Dict[str, Any], what: str, name: str) -> Callable[[Any], Any]:
+    """A decorator that records a builder under ``name`` in ``table``, once."""
+    def decorator(builder: Any) -> Any:
+        if name in table:
+            raise ValueError(f"{what} {name!r} is registered twice")
+        table[name] = builder
         return builder
 
     return decorator
+
+
+def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
+    return _registrar(_TASKS, "task", name)
 
 
 #: Builders of a task's model from a saved preprocessing record, without its data (prediction).
@@ -55,13 +60,7 @@ _PREDICTION: Dict[str, PredictionBuilder] = {}
 def register_prediction_builder(name: str) -> Callable[[PredictionBuilder], PredictionBuilder]:
     """Register how task ``name`` builds its model for prediction from a
     :class:`~vpt.data.preprocessing.Preprocessing` alone (``TaskParts.datamodule`` is ``None``)."""
-    def decorator(builder: PredictionBuilder) -> PredictionBuilder:
-        if name in _PREDICTION:
-            raise ValueError(f"prediction builder {name!r} is registered twice")
-        _PREDICTION[name] = builder
-        return builder
-
-    return decorator
+    return _registrar(_PREDICTION, "prediction builder", name)
 
 
 def build_for_prediction(cfg: DictConfig, preprocessing: Any) -> TaskParts:
@@ -70,11 +69,7 @@ def build_for_prediction(cfg: DictConfig, preprocessing: Any) -> TaskParts:
     name = str(cfg.task.name)
     if name not in _PREDICTION:
         raise ConfigError(f"Task {name!r} cannot be built for prediction; prediction supports {sorted(_PREDICTION)}.")
-    parts = _PREDICTION[name](cfg, preprocessing)
-    from vpt.models.switches import apply_model_switches
-
-    apply_model_switches(parts.model, cfg.model)
-    return parts
+    return _with_model_switches(_PREDICTION[name](cfg, preprocessing), cfg)
 
 
 def available_tasks() -> list[str]:
@@ -86,9 +81,12 @@ def build_task(cfg: DictConfig) -> TaskParts:
     name = cfg.task.name
     if name not in _TASKS:
         raise ConfigError(f"Unknown task kind {name!r}; choose one of {available_tasks()}.")
-    parts = _TASKS[name](cfg)
+    return _with_model_switches(_TASKS[name](cfg), cfg)
+
+
+def _with_model_switches(parts: TaskParts, cfg: DictConfig) -> TaskParts:
+    """model.grad_checkpointing / compile / channels_last, the same for every task and build."""
     from vpt.models.switches import apply_model_switches
 
-    # model.grad_checkpointing / compile / channels_last, the same for every task.
     apply_model_switches(parts.model, cfg.model)
     return parts
