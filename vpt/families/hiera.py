@@ -6,10 +6,13 @@ Model configs: ``sam2_hiera_tiny``, ``sam2_hiera_small``, ``sam2_hiera_base_plus
 ``sam2_hiera_large``, ``medsam2`` (SAM2.1 Hiera-T at 512 px) and ``sam2_hiera_micro`` (tiny,
 random init, for tests). ``model.checkpoint=`` takes an official SAM2 / SAM2.1 / MedSAM2
 ``.pt`` file (``{"model": state_dict}``, the trunk under ``image_encoder.trunk.*``, MLP layers
-``mlp.layers.0/1``), read with ``torch.load(weights_only=True)``; the neck, memory modules and
-SAM2's mask decoder are reported as not used. SAM2's own mask decoder is not wired yet (the
-``sam2`` package pulls its own Hydra configs and CUDA extension build); this family segments
-with vpt's multi-level decoder.
+``mlp.layers.0/1``), read with ``torch.load(weights_only=True)``. Segmentation decoders
+(``task.decoder``): vpt's multi-level decoder (``multilevel``, the default), or SAM2's own FPN
+neck and mask decoder (``sam2``: :class:`~vpt.heads.Sam2MulticlassDecoder`, transformers'
+SAM2 modules loaded from the same checkpoint). Interactive segmentation (box / point
+prompts): SAM2's prompt encoder and mask decoder in single-mask mode
+(:class:`~vpt.heads.sam2_decoder.Sam2SingleMaskDecoder`). The memory modules are reported
+as not used.
 
 This file plus its model configs is the whole family: nothing else in vpt knows Hiera.
 """
@@ -17,7 +20,7 @@ This file plus its model configs is the whole family: nothing else in vpt knows 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from timm.models.hieradet_sam2 import HieraDet
@@ -33,27 +36,51 @@ __all__ = ["HieraFamily", "create_hiera", "load_hiera_checkpoint"]
 _logger = logging.getLogger(__name__)
 
 # timm's registered SAM2 Hiera sizes (their architecture; weights come from model.checkpoint).
+#: ``task.decoder`` values a Hiera model can segment with.
+HIERA_DECODERS = ("multilevel", "sam2")
+
 _TIMM_NAMES = ("sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large")
 
 
-def load_hiera_checkpoint(model: HieraDet, checkpoint: str) -> Any:
+def load_hiera_checkpoint(model: HieraDet, checkpoint: str | Mapping[str, Any], source: Any = None) -> Any:
     """Load an official SAM2 / SAM2.1 / MedSAM2 checkpoint's trunk into ``model``.
+
+    Args:
+        model: The ``HieraDet`` to load into.
+        checkpoint: A path, or a checkpoint already read (``{"model": state_dict}``).
+        source: Where an already-read checkpoint came from, for messages.
 
     Returns:
         The :class:`~vpt.backbones.LoadReport` (missing / unexpected keys are reported,
         never dropped silently; a wrong-shaped tensor is refused naming the key).
     """
-    from vpt.backbones.checkpoint import existing_checkpoint_path, load_weights, read_state_dict
+    from vpt.backbones.checkpoint import load_weights
+
+    if isinstance(checkpoint, Mapping):
+        raw = checkpoint
+    else:
+        source, raw = _read_checkpoint(checkpoint)
+    state = hiera_checkpoint_filter(raw, model)
+    # SAM2 has no classifier: the encoder's unused head keeps its own (filled-in) tensors.
+    return load_weights(model, state, source=source)
+
+
+def _read_checkpoint(checkpoint: str) -> tuple[Any, dict[str, Any]]:
+    """(path, state dict) of a checkpoint file, read with our safe loader."""
+    from vpt.backbones.checkpoint import existing_checkpoint_path, read_state_dict
 
     path = existing_checkpoint_path(checkpoint)
-    state = hiera_checkpoint_filter(read_state_dict(path), model)
-    # SAM2 has no classifier: the encoder's unused head keeps its own (filled-in) tensors.
-    return load_weights(model, state, source=path)
+    return path, read_state_dict(path)
 
 
-def create_hiera(model_cfg: DictConfig) -> HieraDet:
+def create_hiera(model_cfg: DictConfig, checkpoint_state: Optional[Mapping[str, Any]] = None) -> HieraDet:
     """The ``HieraDet`` of a model config: timm's architecture ``model.name`` (with
     ``model.kwargs`` overrides), weights from ``model.checkpoint``.
+
+    Args:
+        model_cfg: The model config.
+        checkpoint_state: ``model.checkpoint`` already read (so a caller that also needs
+            SAM2's decoder reads the file once).
 
     Raises:
         ConfigError: an unknown architecture name.
@@ -68,7 +95,9 @@ def create_hiera(model_cfg: DictConfig) -> HieraDet:
     kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
     model = timm.create_model(name, pretrained=False, **kwargs)  # type: ignore[arg-type]
     checkpoint = model_cfg.get("checkpoint")
-    if checkpoint:
+    if checkpoint and checkpoint_state is not None:
+        load_hiera_checkpoint(model, checkpoint_state, source=checkpoint)
+    elif checkpoint:
         load_hiera_checkpoint(model, str(checkpoint))
     elif model_cfg.get("pretrained", False):
         raise WeightsUnavailableError(
@@ -87,7 +116,7 @@ def create_hiera(model_cfg: DictConfig) -> HieraDet:
 class HieraFamily(EncoderFamily):
     name = "hiera"
     wrapper = PromptedHiera
-    tasks = ("segmentation",)
+    tasks = ("segmentation", "interactive_segmentation")
     mlp_layers = ("fc1", "fc2")  # timm's Mlp (SAM2 names them mlp.layers.0/1; the loader renames)
     qkv_layer = "qkv"
     shallow_prompts = False  # the token grid is pooled between stages: no place for shallow prompts
@@ -98,35 +127,78 @@ class HieraFamily(EncoderFamily):
         return isinstance(encoder, HieraDet)
 
     def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-        """Hiera (method applied) -> the multi-level decoder on its four stage grids."""
+        """Hiera (method applied) -> a decoder of its four stage grids (``task.decoder``):
+        ``multilevel`` (vpt's multi-level decoder, strides 4/8/16/32 and the image) or
+        ``sam2`` (SAM2's own FPN neck and mask decoder, one token per class; from
+        ``model.checkpoint`` when given)."""
         from vpt.heads import MultiLevelDecoder
-        from vpt.methods import apply_method, options_of
         from vpt.models.segmenters import VitSegmenter
 
         kind = str(cfg.task.get("decoder", "multilevel"))
-        if kind != "multilevel":
-            raise ConfigError(f"task.decoder={kind} reads a plain ViT's token grid; Hiera models use task.decoder=multilevel.")
-        size = cfg.model.get("img_size")
-        if not size:
-            raise ConfigError(f"model={cfg.model.name} needs model.img_size (SAM2 uses 1024, MedSAM2 512).")
-        hiera = create_hiera(cfg.model)
-        options = options_of(OmegaConf.to_container(cfg.method, resolve=True))  # type: ignore[arg-type]
-        encoder = apply_method(hiera, cfg.method.name, **options)
-        widths = [int(info["num_chs"]) for info in hiera.feature_info]
-        decoder = MultiLevelDecoder(
-            widths, num_classes, list(range(len(widths))), hidden_dim=int(cfg.task.get("decoder_dim", 128)),
-            in_chans=3, image_stem=bool(cfg.task.get("image_stem", True)), scales=[1.0] * len(widths),
-        )
+        if kind not in HIERA_DECODERS:
+            raise ConfigError(
+                f"task.decoder={kind} reads a plain ViT's token grid; Hiera models use task.decoder=multilevel or "
+                "task.decoder=sam2 (SAM2's mask decoder)."
+            )
         features = str(cfg.task.get("encoder_features", "real"))
         if features not in ("real", "zeros"):
             raise ConfigError(f"task.encoder_features={features} is not valid; use real, or zeros (a decoder-alone control).")
+        hiera, encoder, parts, data = self._encoder_and_parts(cfg, with_sam2_parts=kind == "sam2")
+        decoder: nn.Module
+        if parts is not None:
+            from vpt.heads.sam2_decoder import Sam2MulticlassDecoder
+
+            decoder = Sam2MulticlassDecoder(parts, num_classes)
+            decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+        else:
+            widths = [int(info["num_chs"]) for info in hiera.feature_info]
+            decoder = MultiLevelDecoder(
+                widths, num_classes, list(range(len(widths))), hidden_dim=int(cfg.task.get("decoder_dim", 128)),
+                in_chans=3, image_stem=bool(cfg.task.get("image_stem", True)), scales=[1.0] * len(widths),
+            )
+        return VitSegmenter(encoder, decoder, zero_features=features == "zeros"), data
+
+    def build_interactive(self, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+        """Hiera (method applied) -> SAM2's prompt encoder (frozen) and mask decoder in
+        single-mask mode: one mask per box or point."""
+        from vpt.heads.sam2_decoder import Sam2SingleMaskDecoder
+        from vpt.models.segmenters import InteractiveSamSegmenter
+
+        _, encoder, parts, data = self._encoder_and_parts(cfg, with_sam2_parts=True)
+        assert parts is not None
+        decoder = Sam2SingleMaskDecoder(parts)
+        decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+        decoder.sam2_prompt_encoder.requires_grad_(False)  # SAM2's prompt encoder never trains here
+        return InteractiveSamSegmenter(encoder, decoder), data
+
+    def _encoder_and_parts(self, cfg: Any, with_sam2_parts: bool) -> tuple[HieraDet, nn.Module, Any, dict[str, Any]]:
+        """The Hiera (weights loaded), its method-applied wrapper, SAM2's decoder parts (when
+        asked for; from the same checkpoint file, read once) and the data settings."""
+        from vpt.methods import apply_method, options_of
+
+        size = cfg.model.get("img_size")
+        if not size:
+            raise ConfigError(f"model={cfg.model.name} needs model.img_size (SAM2 uses 1024, MedSAM2 512).")
+        source, state = None, None
+        if with_sam2_parts and cfg.model.get("checkpoint"):
+            source, state = _read_checkpoint(str(cfg.model.checkpoint))
+        hiera = create_hiera(cfg.model, state)
+        options = options_of(OmegaConf.to_container(cfg.method, resolve=True))  # type: ignore[arg-type]
+        encoder = apply_method(hiera, cfg.method.name, **options)
+        parts = None
+        if with_sam2_parts:
+            from vpt.heads.sam2_decoder import Sam2DecoderParts
+
+            parts = Sam2DecoderParts([int(info["num_chs"]) for info in hiera.feature_info], image_size=int(size))
+            if state is not None:
+                parts.load_official(state, source=source)
         config = hiera.pretrained_cfg or {}
         data = {
             "image_size": (int(size), int(size)),
             "mean": tuple(float(v) for v in config.get("mean", (0.485, 0.456, 0.406))),
             "std": tuple(float(v) for v in config.get("std", (0.229, 0.224, 0.225))),
         }
-        return VitSegmenter(encoder, decoder, zero_features=features == "zeros"), data
+        return hiera, encoder, parts, data
 
 
 register_family(HieraFamily())

@@ -93,6 +93,9 @@ class MultiLevelDecoder(nn.Module):
             (strides 4/8/16/32) are a pyramid already: pass 1 for each.
     """
 
+    #: The segmenter hands this decoder the encoder's feature grids (not tokens).
+    reads_grids = True
+
     def __init__(
         self,
         embed_dim: int | Sequence[int],

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vpt.heads import MultiLevelDecoder, SamMulticlassDecoder, SamSingleMaskDecoder
+from vpt.heads import SamMulticlassDecoder
 
 __all__ = ["SamSegmenter", "VitSegmenter", "InteractiveSamSegmenter"]
 
@@ -39,8 +39,9 @@ class VitSegmenter(nn.Module):
 
     Args:
         encoder: A :class:`~vpt.prompts.PromptedViT` (its classifier is unused).
-        decoder: A :class:`~vpt.heads.MultiLevelDecoder` (reads the grids of several
-            blocks and the image; logits at the input size) or the light
+        decoder: A decoder of feature grids (``reads_grids``): :class:`~vpt.heads.MultiLevelDecoder`
+            (the grids of several blocks and the image; logits at the input size) or, on Hiera,
+            :class:`~vpt.heads.Sam2MulticlassDecoder` (the four stage grids; logits at 1/4); or the light
             :class:`~vpt.heads.PatchTokenDecoder` (last block only; logits at 4x the patch grid).
         zero_features: A control: the decoder gets zeros instead of the encoder's features,
             so a run measures what the decoder does alone.
@@ -54,7 +55,7 @@ class VitSegmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> class logits (B, C, H, W) (multi-level) or (B, C, 4 H/p, 4 W/p) (light)."""
-        if isinstance(self.decoder, MultiLevelDecoder):
+        if getattr(self.decoder, "reads_grids", False):
             grids = self.encoder.forward_intermediates(images, self.decoder.blocks)
             if self.zero_features:
                 grids = [torch.zeros_like(grid) for grid in grids]
@@ -68,14 +69,16 @@ class VitSegmenter(nn.Module):
 
 
 class InteractiveSamSegmenter(nn.Module):
-    """Prompted SAM image encoder -> SAM's prompt-driven mask decoder.
+    """Prompted SAM image encoder -> SAM's prompt-driven mask decoder (or SAM2's on Hiera).
 
     Args:
-        encoder: A :class:`~vpt.prompts.sam.PromptedSamEncoder`.
-        decoder: A :class:`SamSingleMaskDecoder`.
+        encoder: A :class:`~vpt.prompts.sam.PromptedSamEncoder`, or a
+            :class:`~vpt.prompts.hiera.PromptedHiera`.
+        decoder: A :class:`~vpt.heads.SamSingleMaskDecoder`, or (Hiera) a
+            :class:`~vpt.heads.sam2_decoder.Sam2SingleMaskDecoder`, which reads stage grids.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: SamSingleMaskDecoder) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -102,5 +105,8 @@ class InteractiveSamSegmenter(nn.Module):
             (P, H/4, W/4) mask logits.
         """
         used, rows = torch.unique(image_index, return_inverse=True)
+        if getattr(self.decoder, "reads_grids", False):  # SAM2's decoder reads Hiera's stage grids
+            grids = self.encoder.forward_intermediates(images[used])
+            return self.decoder([grid[rows] for grid in grids], boxes=boxes, points=points)
         embeddings = self.encoder(images[used])
         return self.decoder(embeddings[rows], boxes=boxes, points=points)
