@@ -361,6 +361,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--full-variants", action="store_true", help="also full fine-tuning at encoder rates x0.001 and x1 (classification)")
     parser.add_argument("--search", nargs="*", default=[], choices=list(METHODS), help="methods also run as a recipe search: learning rate chosen on validation")
     parser.add_argument("--search-lr-factors", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="the searched learning rates, as multiples of the model's recipe")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                        help="run and list only the rows with these labels (e.g. to add seeds to a few rows: "
+                             "--seeds 0 1 2 3 --only linear vpt_deep)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--seg-epochs", type=int, default=12)
     parser.add_argument("--cls-epochs", type=int, default=20)
@@ -390,7 +393,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         results = []
         base_lr = recipe_base_lr([f"model={args.model}", *dataset.overrides, *args.override]) if args.search else 0.0
         searched = search_rows(args.search, base_lr, args.search_lr_factors)
-        for row in rows_for(dataset, args.methods, args.random_init_methods, not args.no_variants, args.full_variants, searched):
+        rows = rows_for(dataset, args.methods, args.random_init_methods, not args.no_variants, args.full_variants, searched)
+        if args.only is not None:
+            unknown = sorted(set(args.only) - {row.label for row in rows})
+            if unknown:
+                sys.exit(f"--only names rows this invocation does not have ({', '.join(unknown)}); "
+                         f"its rows are: {', '.join(row.label for row in rows)}.")
+            rows = [row for row in rows if row.label in args.only]
+        for row in rows:
             runs = []
             for seed in args.seeds:
                 if row.compute is not None:
