@@ -123,13 +123,14 @@ class _SamWithHead(nn.Module):
 
 def build(contender: Contender, tiny: bool) -> tuple[nn.Module, tuple[int, int], bool]:
     """The network, its input size, and whether the input must require grad (reference rows)."""
+    from vpt.families import family_of
     from vpt.methods import apply_method, build_method
     from vpt.prompts import PromptedSamEncoder, PromptedViT
 
     if contender.backbone == HIERA:
         hiera = _hiera(tiny)
         size = (64, 64) if tiny else (1024, 1024)
-        channels = hiera.feature_info[-1]["num_chs"]
+        channels = family_of(hiera).feature_levels(hiera)[-1].width
         return _HieraWithHead(apply_method(hiera, contender.method, **_options(contender.method)), channels), size, False
     if contender.backbone == "vit_b":
         vit = _vit(tiny)
@@ -141,7 +142,7 @@ def build(contender: Contender, tiny: bool) -> tuple[nn.Module, tuple[int, int],
         return build_method(contender.method, vit, 10, **_options(contender.method)), size, False
     encoder = _sam_encoder(tiny)
     size = (encoder.img_size, encoder.img_size)
-    channels = encoder.neck[0].out_channels
+    channels = family_of(encoder).feature_levels(encoder)[-1].width
     if contender.method == "segment_anything":
         encoder.requires_grad_(False)
         return _SamWithHead(encoder, channels), size, True

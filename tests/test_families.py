@@ -323,3 +323,73 @@ def test_every_wrapper_shares_the_prompted_encoder_surface(family: str) -> None:
     assert all(name.startswith(model.trunk_attribute + ".") for name in exempt) and exempt & names
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing and isinstance(model.compile_target, str) and hasattr(model, model.compile_target)
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_feature_levels_describe_the_grids_decoders_read(family: str) -> None:
+    """Each level's width and stride are those of the grid the wrapper hands a decoder."""
+    build, size = ENCODERS[family]
+    encoder = build()
+    levels = family_of(encoder).feature_levels(encoder)
+    wrapped = vpt.apply_method(encoder, "vpt_deep", num_tokens=2)
+    assert family_of(wrapped).feature_levels(wrapped) == levels  # raw or wrapped alike
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        if family == "timm":
+            grids = wrapped.forward_intermediates(images, list(range(len(levels))))
+        elif family == "hiera":
+            grids = wrapped.forward_intermediates(images)
+        else:
+            grids = [wrapped(images)]
+    assert len(grids) == len(levels)
+    for grid, level in zip(grids, levels):
+        assert grid.shape[1:] == (level.width, size // level.stride, size // level.stride)
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_data_settings_name_the_input_size_and_normalisation(family: str) -> None:
+    build, size = ENCODERS[family]
+    encoder = build()
+    data = family_of(encoder).data_settings(vpt.apply_method(encoder, "linear"))
+    expected_size = {"timm": (32, 32), "sam": (64, 64), "hiera": (1024, 1024)}[family]
+    assert tuple(data["image_size"]) == expected_size
+    # All three publish ImageNet statistics in [0, 1] units (timm's tiny ViT: its AugReg 0.5s).
+    expected_mean = (0.5, 0.5, 0.5) if family == "timm" else (0.485, 0.456, 0.406)
+    assert data["mean"] == pytest.approx(expected_mean, abs=1e-3)
+    assert all(0.0 < value < 1.0 for value in data["std"])
+
+
+def test_each_family_loads_its_published_checkpoint_layout(tmp_path: Path) -> None:
+    """load_checkpoint = our safe reader + the family's filter + a reported load."""
+    from safetensors.torch import save_file
+
+    from tests.test_hiera import official_layout
+    from vpt.backbones.sam import build_sam_tiny
+
+    # timm: a state dict as timm saves it, loaded into a differently initialised model.
+    torch.manual_seed(0)
+    source, target = make_tiny_vit(), make_tiny_vit()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "vit.safetensors")
+    family_of(target).load_checkpoint(target, tmp_path / "vit.safetensors")
+    for key, tensor in source.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(target.state_dict()[key], tensor), key
+
+    # SAM: the whole model's state dict (as segment-anything's .pth), position tables resized to 32 px.
+    sam_source, sam_target = build_sam_tiny(img_size=64), build_sam_tiny(img_size=32)
+    torch.save(sam_source.state_dict(), tmp_path / "sam.pth")
+    family_of(sam_target.image_encoder).load_checkpoint(sam_target, tmp_path / "sam.pth")
+    assert torch.equal(sam_target.mask_decoder.iou_token.weight, sam_source.mask_decoder.iou_token.weight)
+    assert sam_target.image_encoder.pos_embed.shape[1:3] == (2, 2)
+
+    # Hiera: the official SAM2 layout (image_encoder.trunk.*, mlp.layers.0/1).
+    hiera_source, hiera_target = micro_hiera().double(), micro_hiera().double()
+    torch.save({"model": official_layout(hiera_source, with_head=False)}, tmp_path / "sam2.pt")
+    family = family_of(hiera_target)
+    report = family.load_checkpoint(hiera_target, tmp_path / "sam2.pt")
+    assert report.missing == []
+    for key, tensor in hiera_source.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(hiera_target.state_dict()[key], tensor), key
+    filtered = family.checkpoint_filter({"model": official_layout(hiera_source, with_head=False)}, hiera_target)
+    assert "blocks.0.mlp.fc1.weight" in filtered and not any(".mlp.layers." in key for key in filtered)

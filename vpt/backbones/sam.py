@@ -64,6 +64,11 @@ _WEIGHTS_SOURCES = {
 }
 
 
+#: SAM's input normalisation, in 0-255 units (segment-anything's ``Sam`` defaults).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
 def _build_sam(
         *,
         img_size: int,
@@ -79,8 +84,8 @@ def _build_sam(
         decoder_num_heads: int = 8,
         iou_head_hidden_dim: int = 256,
         num_multimask_outputs: int = 3,
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = SAM_PIXEL_MEAN,
+        pixel_std: Sequence[float] = SAM_PIXEL_STD,
 ) -> Sam:
     """segment-anything's ``_build_sam`` with the input size (and the sizes of the tiny variant) as arguments."""
     image_embedding_size = img_size // PATCH_SIZE

@@ -15,14 +15,18 @@ answers the targeting by module names that differ per family (``fc1`` vs ``lin1`
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
 from vpt.errors import ConfigError
 
 __all__ = [
     "EncoderFamily",
+    "FeatureLevel",
     "register_family",
     "family_named",
     "family_of",
@@ -33,6 +37,14 @@ __all__ = [
 
 #: What a task may ask a family to build.
 TASK_KINDS = ("classification", "segmentation", "interactive_segmentation")
+
+
+@dataclass(frozen=True)
+class FeatureLevel:
+    """One feature grid a decoder can read: its channel width and its stride in input pixels."""
+
+    width: int
+    stride: int
 
 
 class EncoderFamily:
@@ -115,6 +127,27 @@ class EncoderFamily:
             raise ConfigError(
                 f"method.project_dim is not available for {self.name} encoders; set method.project_dim=null."
             )
+
+    def feature_levels(self, encoder: nn.Module) -> list[FeatureLevel]:
+        """The grids a decoder reads from ``encoder`` (raw or wrapped), in the order the
+        wrapper's ``forward_intermediates`` returns them: one per block for a plain ViT, the
+        neck's output for SAM, one per stage for Hiera."""
+        raise NotImplementedError
+
+    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
+        """What the data pipeline must feed ``encoder`` (raw or wrapped): ``image_size``
+        (H, W) the encoder was built for, and ``mean`` / ``std`` in [0, 1] units."""
+        raise NotImplementedError
+
+    def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """timm's ``_builder`` pattern: adapt a checkpoint in the family's published layout
+        (renamed keys, position tables resized to ``model``) to ``model``'s state dict."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, model: nn.Module, path: str | Path) -> Any:
+        """Read ``path`` with vpt's safe loader, adapt it with :meth:`checkpoint_filter` and load
+        it into ``model``, reporting missing and unexpected keys (a :class:`~vpt.backbones.LoadReport`)."""
+        raise NotImplementedError
 
     # -- networks for the tasks ------------------------------------------------------------
 

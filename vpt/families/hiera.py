@@ -20,14 +20,16 @@ This file plus its model configs is the whole family: nothing else in vpt knows 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models.hieradet_sam2 import HieraDet
 from torch import nn
 
 from vpt.errors import ConfigError, WeightsUnavailableError
-from vpt.families.base import EncoderFamily, register_family
+from vpt.families.base import EncoderFamily, FeatureLevel, register_family
 from vpt.messages import log_setup
 from vpt.prompts.hiera import PromptedHiera, hiera_checkpoint_filter
 
@@ -126,6 +128,30 @@ class HieraFamily(EncoderFamily):
     def owns(self, encoder: nn.Module) -> bool:
         return isinstance(encoder, HieraDet)
 
+    def _raw(self, encoder: nn.Module) -> HieraDet:
+        return self.inner(encoder) if isinstance(encoder, self.wrapper) else encoder
+
+    def feature_levels(self, encoder: nn.Module) -> list[FeatureLevel]:
+        """The four stage grids (timm's ``feature_info``): widths C, 2C, 4C, 8C at strides 4, 8, 16, 32."""
+        return [FeatureLevel(int(info["num_chs"]), int(info["reduction"])) for info in self._raw(encoder).feature_info]
+
+    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
+        """SAM2's 1024 px input (any multiple of 32 works; model.img_size sets it) and ImageNet statistics."""
+        config = getattr(self._raw(encoder), "pretrained_cfg", None) or {}  # set by timm.create_model
+        size = tuple(int(v) for v in config.get("input_size", (3, 1024, 1024))[-2:])
+        return {
+            "image_size": size,
+            "mean": tuple(float(v) for v in config.get("mean", (0.485, 0.456, 0.406))),
+            "std": tuple(float(v) for v in config.get("std", (0.229, 0.224, 0.225))),
+        }
+
+    def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """An official SAM2 / SAM2.1 / MedSAM2 checkpoint -> ``HieraDet`` keys (trunk only)."""
+        return hiera_checkpoint_filter(state_dict, self._raw(model))
+
+    def load_checkpoint(self, model: nn.Module, path: str | Path) -> Any:
+        return load_hiera_checkpoint(self._raw(model), str(path))
+
     def build_segmenter(self, cfg: Any, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
         """Hiera (method applied) -> a decoder of its four stage grids (``task.decoder``):
         ``multilevel`` (vpt's multi-level decoder, strides 4/8/16/32 and the image) or
@@ -151,7 +177,7 @@ class HieraFamily(EncoderFamily):
             decoder = Sam2MulticlassDecoder(parts, num_classes)
             decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
         else:
-            widths = [int(info["num_chs"]) for info in hiera.feature_info]
+            widths = [level.width for level in self.feature_levels(hiera)]
             decoder = MultiLevelDecoder(
                 widths, num_classes, list(range(len(widths))), hidden_dim=int(cfg.task.get("decoder_dim", 128)),
                 in_chans=3, image_stem=bool(cfg.task.get("image_stem", True)), scales=[1.0] * len(widths),
@@ -189,15 +215,10 @@ class HieraFamily(EncoderFamily):
         if with_sam2_parts:
             from vpt.heads.sam2_decoder import Sam2DecoderParts
 
-            parts = Sam2DecoderParts([int(info["num_chs"]) for info in hiera.feature_info], image_size=int(size))
+            parts = Sam2DecoderParts([level.width for level in self.feature_levels(hiera)], image_size=int(size))
             if state is not None:
                 parts.load_official(state, source=source)
-        config = hiera.pretrained_cfg or {}
-        data = {
-            "image_size": (int(size), int(size)),
-            "mean": tuple(float(v) for v in config.get("mean", (0.485, 0.456, 0.406))),
-            "std": tuple(float(v) for v in config.get("std", (0.229, 0.224, 0.225))),
-        }
+        data = {**self.data_settings(hiera), "image_size": (int(size), int(size))}
         return hiera, encoder, parts, data
 
 

@@ -4,12 +4,15 @@ the multi-level segmentation decoder."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vpt.families.base import EncoderFamily, register_family
+from vpt.families.base import EncoderFamily, FeatureLevel, register_family
 from vpt.prompts.vit import PromptedViT
 
 __all__ = ["TimmViTFamily"]
@@ -27,6 +30,32 @@ class TimmViTFamily(EncoderFamily):
 
     def owns(self, encoder: nn.Module) -> bool:
         return isinstance(encoder, VisionTransformer)
+
+    def _raw(self, encoder: nn.Module) -> VisionTransformer:
+        return self.inner(encoder) if isinstance(encoder, self.wrapper) else encoder
+
+    def feature_levels(self, encoder: nn.Module) -> list[FeatureLevel]:
+        """One patch grid per block (the multi-level decoder picks some), all at the patch stride."""
+        vit = self._raw(encoder)
+        stride = int(vit.patch_embed.patch_size[0])
+        return [FeatureLevel(int(vit.embed_dim), stride) for _ in vit.blocks]
+
+    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
+        from vpt.backbones.timm_vit import vit_data_config
+
+        config = vit_data_config(self._raw(encoder))
+        return {"image_size": tuple(config["input_size"]), "mean": config["mean"], "std": config["std"]}
+
+    def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """timm's own ``checkpoint_filter_fn`` (JAX/DeiT/DINOv2 layouts, position embeddings resized)."""
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(dict(state_dict), self._raw(model))
+
+    def load_checkpoint(self, model: nn.Module, path: str | Path) -> Any:
+        from vpt.backbones.timm_vit import load_vit_checkpoint
+
+        return load_vit_checkpoint(self._raw(model), path)
 
     def build_classifier_encoder(self, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         from vpt.models.build import build_vit

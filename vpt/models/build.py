@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vpt.errors import ConfigError
-from vpt.families import family_named
+from vpt.families import family_named, family_of
 from vpt.heads import MultiLevelDecoder, PatchTokenDecoder, evenly_spaced_blocks, SamMulticlassDecoder, SamSingleMaskDecoder
 from vpt.methods import apply_method, build_method, options_of
 from vpt.models.segmenters import InteractiveSamSegmenter, SamSegmenter, VitSegmenter
@@ -55,18 +55,11 @@ def _create_vit(cfg: DictConfig) -> nn.Module:
     )
 
 
-def _vit_data(vit: nn.Module) -> dict[str, Any]:
-    from vpt.backbones import vit_data_config
-
-    config = vit_data_config(vit)
-    return {"image_size": tuple(config["input_size"][-2:]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
-
-
 def build_vit(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The config's timm ViT (weights loaded, no method yet) and its data settings: the data
     module needs them before it can say how many classes there are."""
     vit = _create_vit(cfg)
-    return vit, _vit_data(vit)
+    return vit, family_of(vit).data_settings(vit)
 
 
 def build_classifier_encoder(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
@@ -159,17 +152,18 @@ def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, d
     if kind not in DECODERS:
         raise ConfigError(f"task.decoder={kind} is not a decoder; use one of {', '.join(DECODERS)}.")
     vit, data = build_vit(cfg)
+    levels = family_of(vit).feature_levels(vit)  # one grid per block
     name, options = _method(cfg)
     encoder = apply_method(vit, name, **options)
     encoder.reset_classifier(0)
     width = int(cfg.task.get("decoder_dim", 128))
     decoder: nn.Module
     if kind == "light":
-        decoder = PatchTokenDecoder(vit.embed_dim, num_classes, hidden_dim=width)
+        decoder = PatchTokenDecoder(levels[-1].width, num_classes, hidden_dim=width)
     else:
-        blocks = evenly_spaced_blocks(len(vit.blocks), int(cfg.task.get("decoder_levels", 4)))
+        blocks = evenly_spaced_blocks(len(levels), int(cfg.task.get("decoder_levels", 4)))
         decoder = MultiLevelDecoder(
-            vit.embed_dim, num_classes, blocks, hidden_dim=width, in_chans=vit.patch_embed.proj.in_channels,
+            [levels[block].width for block in blocks], num_classes, blocks, hidden_dim=width, in_chans=vit.patch_embed.proj.in_channels,
             image_stem=bool(cfg.task.get("image_stem", True)),
         )
     features = str(cfg.task.get("encoder_features", "real"))
