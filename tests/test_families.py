@@ -13,7 +13,6 @@ from typing import Any, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from timm.models.hieradet_sam2 import HieraDet
 from torch import nn
 
@@ -348,15 +347,28 @@ def test_feature_levels_describe_the_grids_decoders_read(family: str) -> None:
 
 @pytest.mark.parametrize("family", list(ENCODERS))
 def test_data_settings_name_the_input_size_and_normalisation(family: str) -> None:
+    from omegaconf import OmegaConf
+
     build, size = ENCODERS[family]
     encoder = build()
-    data = family_of(encoder).data_settings(vpt.apply_method(encoder, "linear"))
-    expected_size = {"timm": (32, 32), "sam": (64, 64), "hiera": (1024, 1024)}[family]
+    family_object = family_of(encoder)
+    data = family_object.data_settings(vpt.apply_method(encoder, "linear"))
+    expected_size = {"timm": (32, 32), "sam": (64, 64), "hiera": (1024, 1024)}[family]  # SAM2's size, not timm's 896
     assert tuple(data["image_size"]) == expected_size
     # All three publish ImageNet statistics in [0, 1] units (timm's tiny ViT: its AugReg 0.5s).
     expected_mean = (0.5, 0.5, 0.5) if family == "timm" else (0.485, 0.456, 0.406)
     assert data["mean"] == pytest.approx(expected_mean, abs=1e-3)
     assert all(0.0 < value < 1.0 for value in data["std"])
+    # A model config's own normalisation wins (MedSAM: [0, 1] images, mean 0 and std 1).
+    medsam_like = OmegaConf.create({"img_size": 512, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})
+    configured = family_object.data_settings(encoder, medsam_like)
+    assert configured["mean"] == (0.0, 0.0, 0.0) and configured["std"] == (1.0, 1.0, 1.0)
+    if family == "hiera":  # the input size is the config's (MedSAM2: 512), even for timm's registered model
+        import timm
+
+        registered = timm.create_model("sam2_hiera_tiny", pretrained=False)
+        assert family_object.data_settings(registered)["image_size"] == (1024, 1024)
+        assert family_object.data_settings(registered, medsam_like)["image_size"] == (512, 512)
 
 
 def test_each_family_loads_its_published_checkpoint_layout(tmp_path: Path) -> None:

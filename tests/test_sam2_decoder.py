@@ -374,6 +374,67 @@ def test_interactive_hiera_decodes_each_prompt_on_its_own_slice_and_trains_promp
         assert grad is not None and grad.abs().sum() > 0, name
     assert all(p.grad is None and not p.requires_grad for p in model.encoder.trunk.parameters())
     assert all(p.grad is None and not p.requires_grad for p in model.decoder.sam2_prompt_encoder.parameters())
+    # Heads nothing reads (IoU, object score, masks 1-3) stay frozen: no trainable tensor without a gradient.
+    trainable_without_grad = [name for name, p in model.decoder.named_parameters() if p.requires_grad and p.grad is None]
+    assert trainable_without_grad == []
+    assert not model.decoder.mask_decoder.iou_prediction_head.proj_in.weight.requires_grad
+    assert not model.decoder.mask_decoder.output_hypernetworks_mlps[1].proj_in.weight.requires_grad
+
+
+def reference_sparse_prompts(state: dict[str, torch.Tensor], points: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """SAM2's point embedding written out: pixel centre (+0.5), divided by the input size,
+    random-Fourier features, plus the label's learned embedding; label -1 (padding) is the
+    "not a point" embedding alone."""
+    gaussian = state["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].double()
+    rows = []
+    for (x, y), label in zip(points.tolist(), labels.tolist()):
+        if label == -1:
+            rows.append(state["sam_prompt_encoder.not_a_point_embed.weight"][0].double())
+            continue
+        xy = torch.tensor([(x + 0.5) / size, (y + 0.5) / size], dtype=torch.float64)
+        angles = 2 * math.pi * ((2 * xy - 1) @ gaussian)
+        rows.append(torch.cat([angles.sin(), angles.cos()]) + state[f"sam_prompt_encoder.point_embeddings.{label}.weight"][0].double())
+    return torch.stack(rows)
+
+
+def test_interactive_prompts_are_embedded_as_sam2s_predictor_does() -> None:
+    """A box is its two corners labelled 2 and 3 plus a padding point; clicks are label 1 plus
+    a padding point; coordinates are input pixels of the model.img_size square. The masks
+    then equal transformers' decoder fed those embeddings (mask token 0)."""
+    from vpt.heads.sam2_decoder import Sam2SingleMaskDecoder, image_features
+
+    state = official_decoder_state(seed=4)
+    decoder = Sam2SingleMaskDecoder(loaded_parts(state)).double().train()
+    grids = stage_grids(batch=2)
+    boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 33.0]], dtype=torch.float64)
+    clicks = torch.tensor([[[12.0, 20.0], [15.0, 22.0]], [[40.0, 30.0], [41.0, 50.0]]], dtype=torch.float64)
+    cases = {
+        "box": ({"boxes": boxes}, [reference_sparse_prompts(state, torch.cat([b.reshape(2, 2), torch.zeros(1, 2)]),
+                                                            torch.tensor([2, 3, -1]), 64) for b in boxes]),
+        "point": ({"points": clicks}, [reference_sparse_prompts(state, torch.cat([c, torch.zeros(1, 2)]),
+                                                                torch.tensor([1, 1, -1]), 64) for c in clicks]),
+    }
+    with torch.no_grad():
+        embedding, high_res = image_features(decoder.neck, decoder.mask_decoder.conv_s0, decoder.mask_decoder.conv_s1,
+                                             decoder.no_mem_embed, grids)
+        position = torch.empty(256, 4, 4, dtype=torch.float64)
+        gaussian = state["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].double()
+        for row in range(4):
+            for col in range(4):
+                angles = 2 * math.pi * ((2 * torch.tensor([(col + 0.5) / 4, (row + 0.5) / 4], dtype=torch.float64) - 1) @ gaussian)
+                position[:, row, col] = torch.cat([angles.sin(), angles.cos()])
+        dense = state["sam_prompt_encoder.no_mask_embed.weight"].double().reshape(1, -1, 1, 1).expand(2, -1, 4, 4)
+        for kind, (given, sparse_rows) in cases.items():
+            expected = decoder.mask_decoder(
+                image_embeddings=embedding, image_positional_embeddings=position.unsqueeze(0).expand(2, -1, -1, -1),
+                sparse_prompt_embeddings=torch.stack(sparse_rows).unsqueeze(1), dense_prompt_embeddings=dense,
+                multimask_output=False, high_resolution_features=high_res,
+            )[0][:, 0, 0]
+            torch.testing.assert_close(decoder(grids, **given), expected, rtol=1e-9, atol=1e-9, msg=kind)
+            # One neck pass per image, prompts indexed after it: the same masks.
+            rows = torch.tensor([1, 0, 1])
+            picked = {key: value[[1, 0, 1]] for key, value in given.items()}
+            torch.testing.assert_close(decoder(grids, rows=rows, **picked), expected[[1, 0, 1]], rtol=1e-9, atol=1e-9)
 
 
 def test_interactive_matches_the_sam2_package_when_installed() -> None:

@@ -134,19 +134,32 @@ class EncoderFamily:
         neck's output for SAM, one per stage for Hiera."""
         raise NotImplementedError
 
-    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
+    def data_settings(self, encoder: nn.Module, model_cfg: Optional[Any] = None) -> dict[str, Any]:
         """What the data pipeline must feed ``encoder`` (raw or wrapped): ``image_size``
-        (H, W) the encoder was built for, and ``mean`` / ``std`` in [0, 1] units."""
+        (H, W) and ``mean`` / ``std`` in [0, 1] units. A model config's ``mean`` and ``std``
+        (MedSAM feeds [0, 1] images unnormalised) take precedence over the weights' own."""
         raise NotImplementedError
+
+    @staticmethod
+    def configured_normalisation(data: dict[str, Any], model_cfg: Optional[Any]) -> dict[str, Any]:
+        """``data`` with the model config's ``mean`` / ``std`` when it states both."""
+        if model_cfg is not None and model_cfg.get("mean") is not None and model_cfg.get("std") is not None:
+            data = {**data, "mean": tuple(float(v) for v in model_cfg.mean), "std": tuple(float(v) for v in model_cfg.std)}
+        return data
 
     def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """timm's ``_builder`` pattern: adapt a checkpoint in the family's published layout
-        (renamed keys, position tables resized to ``model``) to ``model``'s state dict."""
+        (renamed keys, position tables resized to ``model``) to ``model``'s state dict.
+
+        ``model`` is what the family's published checkpoints describe: the encoder (raw or
+        wrapped) for timm ViTs and Hiera, segment-anything's whole ``Sam`` for SAM (its
+        checkpoints hold the prompt encoder and mask decoder too)."""
         raise NotImplementedError
 
     def load_checkpoint(self, model: nn.Module, path: str | Path) -> Any:
         """Read ``path`` with vpt's safe loader, adapt it with :meth:`checkpoint_filter` and load
-        it into ``model``, reporting missing and unexpected keys (a :class:`~vpt.backbones.LoadReport`)."""
+        it into ``model`` (as there), reporting missing and unexpected keys (a
+        :class:`~vpt.backbones.LoadReport`)."""
         raise NotImplementedError
 
     # -- networks for the tasks ------------------------------------------------------------

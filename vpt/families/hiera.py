@@ -38,6 +38,9 @@ __all__ = ["HieraFamily", "create_hiera", "load_hiera_checkpoint"]
 _logger = logging.getLogger(__name__)
 
 # timm's registered SAM2 Hiera sizes (their architecture; weights come from model.checkpoint).
+#: SAM2's input size (its image predictor resizes to it).
+SAM2_INPUT_SIZE = 1024
+
 #: ``task.decoder`` values a Hiera model can segment with.
 HIERA_DECODERS = ("multilevel", "sam2")
 
@@ -135,15 +138,18 @@ class HieraFamily(EncoderFamily):
         """The four stage grids (timm's ``feature_info``): widths C, 2C, 4C, 8C at strides 4, 8, 16, 32."""
         return [FeatureLevel(int(info["num_chs"]), int(info["reduction"])) for info in self._raw(encoder).feature_info]
 
-    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
-        """SAM2's 1024 px input (any multiple of 32 works; model.img_size sets it) and ImageNet statistics."""
+    def data_settings(self, encoder: nn.Module, model_cfg: Any = None) -> dict[str, Any]:
+        """``model.img_size`` square (SAM2 and SAM2.1 use 1024, MedSAM2 512; any multiple of 32
+        works), 1024 without a config (timm's ``input_size`` is its own pretraining size, not
+        SAM2's), and ImageNet statistics as SAM2 normalises."""
         config = getattr(self._raw(encoder), "pretrained_cfg", None) or {}  # set by timm.create_model
-        size = tuple(int(v) for v in config.get("input_size", (3, 1024, 1024))[-2:])
-        return {
-            "image_size": size,
+        size = int(model_cfg.get("img_size") or SAM2_INPUT_SIZE) if model_cfg is not None else SAM2_INPUT_SIZE
+        data = {
+            "image_size": (size, size),
             "mean": tuple(float(v) for v in config.get("mean", (0.485, 0.456, 0.406))),
             "std": tuple(float(v) for v in config.get("std", (0.229, 0.224, 0.225))),
         }
+        return self.configured_normalisation(data, model_cfg)
 
     def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """An official SAM2 / SAM2.1 / MedSAM2 checkpoint -> ``HieraDet`` keys (trunk only)."""
@@ -193,8 +199,7 @@ class HieraFamily(EncoderFamily):
         _, encoder, parts, data = self._encoder_and_parts(cfg, with_sam2_parts=True)
         assert parts is not None
         decoder = Sam2SingleMaskDecoder(parts)
-        decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
-        decoder.sam2_prompt_encoder.requires_grad_(False)  # SAM2's prompt encoder never trains here
+        decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))  # its prompt encoder stays frozen
         return InteractiveSamSegmenter(encoder, decoder), data
 
     def _encoder_and_parts(self, cfg: Any, with_sam2_parts: bool) -> tuple[HieraDet, nn.Module, Any, dict[str, Any]]:
@@ -218,8 +223,7 @@ class HieraFamily(EncoderFamily):
             parts = Sam2DecoderParts([level.width for level in self.feature_levels(hiera)], image_size=int(size))
             if state is not None:
                 parts.load_official(state, source=source)
-        data = {**self.data_settings(hiera), "image_size": (int(size), int(size))}
-        return hiera, encoder, parts, data
+        return hiera, encoder, parts, self.data_settings(hiera, cfg.model)
 
 
 register_family(HieraFamily())

@@ -39,19 +39,22 @@ class SamFamily(EncoderFamily):
         raw = self._raw(encoder)
         return [FeatureLevel(int(raw.neck[0].out_channels), int(raw.patch_embed.proj.kernel_size[0]))]
 
-    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
-        """SAM's fixed square input and its ImageNet statistics (MedSAM's configs override them)."""
+    def data_settings(self, encoder: nn.Module, model_cfg: Any = None) -> dict[str, Any]:
+        """SAM's fixed square input and its ImageNet statistics, unless the model config states
+        ``mean`` / ``std`` (MedSAM: 0 and 1)."""
         from vpt.backbones.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
         size = int(self._raw(encoder).img_size)
-        return {
+        data = {
             "image_size": (size, size),
             "mean": tuple(v / 255.0 for v in SAM_PIXEL_MEAN),
             "std": tuple(v / 255.0 for v in SAM_PIXEL_STD),
         }
+        return self.configured_normalisation(data, model_cfg)
 
     def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        """An official SAM / MedSAM state dict adapted to ``model`` (a segment-anything ``Sam``):
+        """An official SAM / MedSAM state dict adapted to ``model``, segment-anything's whole
+        ``Sam`` (its checkpoints hold the prompt encoder and mask decoder too):
         the position embedding and the global blocks' relative-position tables resized."""
         from vpt.backbones.sam import adapt_sam_state_dict
 

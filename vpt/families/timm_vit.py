@@ -40,11 +40,13 @@ class TimmViTFamily(EncoderFamily):
         stride = int(vit.patch_embed.patch_size[0])
         return [FeatureLevel(int(vit.embed_dim), stride) for _ in vit.blocks]
 
-    def data_settings(self, encoder: nn.Module) -> dict[str, Any]:
+    def data_settings(self, encoder: nn.Module, model_cfg: Any = None) -> dict[str, Any]:
+        """The ViT's own input size and its weights' normalisation (timm's pretrained config)."""
         from vpt.backbones.timm_vit import vit_data_config
 
         config = vit_data_config(self._raw(encoder))
-        return {"image_size": tuple(config["input_size"]), "mean": config["mean"], "std": config["std"]}
+        data = {"image_size": tuple(config["input_size"]), "mean": config["mean"], "std": config["std"]}
+        return self.configured_normalisation(data, model_cfg)
 
     def checkpoint_filter(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """timm's own ``checkpoint_filter_fn`` (JAX/DeiT/DINOv2 layouts, position embeddings resized)."""

@@ -296,6 +296,11 @@ class Sam2SingleMaskDecoder(nn.Module):
     (``dynamic_multimask_via_stability``); fine-tuning trains mask 0 only, so here mask 0 is
     always the answer, in training and at test time.
 
+    The mask decoder also computes SAM2's IoU and object-score heads and the masks of tokens
+    1-3; nothing here reads them, so their heads and hypernetworks stay frozen whatever
+    ``requires_grad_`` is asked (trainable tensors without gradients would only decay under
+    AdamW and stop DDP).
+
     Args:
         parts: SAM2's neck, prompt encoder (kept frozen; stored as ``sam2_prompt_encoder``
             so that it is not mistaken for VPT prompts), mask decoder and ``no_mem_embed``.
@@ -307,23 +312,38 @@ class Sam2SingleMaskDecoder(nn.Module):
         super().__init__()
         self.neck = parts.neck
         self.sam2_prompt_encoder = parts.prompt_encoder
-        self.sam2_prompt_encoder.requires_grad_(False)
         self.mask_decoder = parts.mask_decoder
         self.mask_decoder.dynamic_multimask_via_stability = False
         self.no_mem_embed = parts.no_mem_embed
+        self.requires_grad_(True)
+
+    def _unused(self) -> list[nn.Module]:
+        decoder = self.mask_decoder
+        return [self.sam2_prompt_encoder, decoder.iou_prediction_head, decoder.pred_obj_score_head,
+                *list(decoder.output_hypernetworks_mlps)[1:]]
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Sam2SingleMaskDecoder":
+        """Set the trainable parts (neck, two-way transformer, tokens, upscaling, mask 0's
+        hypernetwork); the prompt encoder and the unused heads stay frozen."""
+        super().requires_grad_(requires_grad)
+        for module in self._unused():
+            module.requires_grad_(False)
+        return self
 
     def forward(
         self,
         grids: Sequence[torch.Tensor],
         boxes: Optional[torch.Tensor] = None,
         points: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Mask logits for one prompt per row of the grids.
+        """Mask logits for prompts on the images of the grids.
 
         Args:
-            grids: Hiera's four stage grids (NCHW), one row per prompt.
+            grids: Hiera's four stage grids (NCHW) of the images.
             boxes: (P, 4) ``(x0, y0, x1, y1)`` in input pixels, or None.
             points: (P, N, 2) ``(x, y)`` positive clicks in input pixels, or None.
+            rows: (P,) the image (row of the grids) of each prompt; None: one row per prompt.
 
         Returns:
             (P, H/4, W/4) mask logits.
@@ -332,6 +352,8 @@ class Sam2SingleMaskDecoder(nn.Module):
             raise ConfigError("SAM2 needs a box or a point per mask; set task.prompt to box or point.")
         decoder = self.mask_decoder
         embedding, high_res = image_features(self.neck, decoder.conv_s0, decoder.conv_s1, self.no_mem_embed, grids)
+        if rows is not None:  # the neck runs once per image, not once per prompt
+            embedding, high_res = embedding[rows], [features[rows] for features in high_res]
         count, _, height, width = embedding.shape
         encoder = self.sam2_prompt_encoder
         if encoder.image_embedding_size != (height, width):

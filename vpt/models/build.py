@@ -92,13 +92,10 @@ def build_interactive(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 def sam_normalisation(model_cfg: DictConfig, sam: nn.Module) -> dict[str, tuple[float, ...]]:
     """Input mean/std in 0-1 units: the model config's ``mean``/``std`` when given (MedSAM
-    feeds [0, 1] images unnormalised), else SAM's own ImageNet statistics (0-255 units / 255)."""
-    if model_cfg.get("mean") is not None and model_cfg.get("std") is not None:
-        return {"mean": tuple(float(v) for v in model_cfg.mean), "std": tuple(float(v) for v in model_cfg.std)}
-    return {
-        "mean": tuple(float(v) / 255.0 for v in sam.pixel_mean.flatten().tolist()),
-        "std": tuple(float(v) / 255.0 for v in sam.pixel_std.flatten().tolist()),
-    }
+    feeds [0, 1] images unnormalised), else SAM's own ImageNet statistics (0-255 units / 255);
+    the SAM family's :meth:`~vpt.families.EncoderFamily.data_settings` decides."""
+    data = family_of(sam.image_encoder).data_settings(sam.image_encoder, model_cfg)
+    return {"mean": data["mean"], "std": data["std"]}
 
 
 def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
@@ -121,8 +118,7 @@ def build_prompted_sam(cfg: DictConfig) -> tuple[nn.Module, nn.Module, dict[str,
     )
     name, options = _method(cfg)
     encoder = apply_method(sam.image_encoder, name, **options)
-    data = {"image_size": (encoder.img_size, encoder.img_size), **sam_normalisation(model_cfg, sam)}
-    return sam, encoder, data
+    return sam, encoder, family_of(encoder).data_settings(encoder, model_cfg)
 
 
 def build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:

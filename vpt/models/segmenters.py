@@ -107,6 +107,6 @@ class InteractiveSamSegmenter(nn.Module):
         used, rows = torch.unique(image_index, return_inverse=True)
         if getattr(self.decoder, "reads_grids", False):  # SAM2's decoder reads Hiera's stage grids
             grids = self.encoder.forward_intermediates(images[used])
-            return self.decoder([grid[rows] for grid in grids], boxes=boxes, points=points)
+            return self.decoder(grids, boxes=boxes, points=points, rows=rows)
         embeddings = self.encoder(images[used])
         return self.decoder(embeddings[rows], boxes=boxes, points=points)
