@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +59,17 @@ def stage_grids(batch: int = 2, size: int = 64, seed: int = 1) -> list[torch.Ten
     ]
 
 
+def reference_positions(gaussian: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """SAM2's random-Fourier encoding of each grid cell's centre, written out cell by cell: (C, h, w)."""
+    position = torch.empty(2 * gaussian.shape[1], height, width, dtype=torch.float64)
+    for row in range(height):
+        for col in range(width):
+            xy = torch.tensor([(col + 0.5) / width, (row + 0.5) / height], dtype=torch.float64)
+            angles = 2 * math.pi * ((2 * xy - 1) @ gaussian)
+            position[:, row, col] = torch.cat([angles.sin(), angles.cos()])
+    return position
+
+
 def reference_logits(state: dict[str, torch.Tensor], parts: Sam2DecoderParts, grids: list[torch.Tensor]) -> torch.Tensor:
     """SAM2's image-predictor wiring written out, then transformers' decoder forward for tokens 0-3."""
     official = {key: tensor.double() for key, tensor in state.items()}
@@ -76,12 +88,7 @@ def reference_logits(state: dict[str, torch.Tensor], parts: Sam2DecoderParts, gr
     batch, channels, height, width = embedding.shape
 
     gaussian = official["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
-    position = torch.empty(channels, height, width, dtype=torch.float64)
-    for row in range(height):
-        for col in range(width):
-            xy = torch.tensor([(col + 0.5) / width, (row + 0.5) / height], dtype=torch.float64)
-            angles = 2 * math.pi * ((2 * xy - 1) @ gaussian)
-            position[:, row, col] = torch.cat([angles.sin(), angles.cos()])
+    position = reference_positions(gaussian, height, width)
     dense = official["sam_prompt_encoder.no_mask_embed.weight"].reshape(1, -1, 1, 1).expand(batch, -1, height, width)
     sparse = torch.zeros(batch, 1, 0, channels, dtype=torch.float64)
 
@@ -226,9 +233,10 @@ def test_hiera_family_builds_sam2_decoder_from_one_official_file(tmp_path: Path)
         family_named("hiera").build_segmenter(compose(["model=sam2_hiera_micro", "task=organ_seg_synthetic", "task.decoder=light"]), 3)
 
 
-def test_matches_the_sam2_package_when_installed() -> None:
-    """The strongest check, run where ``sam2`` is importable (``pip install sam2`` with
-    ``SAM2_BUILD_CUDA=0``): SAM2's own modules with random weights, saved in their layout."""
+def sam2_package_modules() -> tuple[Any, Any, Any, torch.Tensor, dict[str, torch.Tensor]]:
+    """SAM2's own mask decoder, prompt encoder and FPN neck (the ``sam2`` package; the calling
+    test is skipped without it) with perturbed random weights, a ``no_mem_embed``, and all of
+    them saved in SAM2's checkpoint layout."""
     from hydra.core.global_hydra import GlobalHydra
 
     was_initialised = GlobalHydra.instance().is_initialized()
@@ -260,6 +268,13 @@ def test_matches_the_sam2_package_when_installed() -> None:
     state = {"no_mem_embed": no_mem}
     for prefix, module in (("sam_mask_decoder", mask_decoder), ("sam_prompt_encoder", prompt_encoder), ("image_encoder.neck", neck)):
         state.update({f"{prefix}.{key}": value for key, value in module.state_dict().items()})
+    return mask_decoder, prompt_encoder, neck, no_mem, state
+
+
+def test_matches_the_sam2_package_when_installed() -> None:
+    """The strongest check, run where ``sam2`` is importable (``pip install sam2`` with
+    ``SAM2_BUILD_CUDA=0``): SAM2's own modules with random weights, saved in their layout."""
+    mask_decoder, prompt_encoder, neck, no_mem, state = sam2_package_modules()
     assert {key: list(value.shape) for key, value in state.items()} == KEYS
 
     parts = Sam2DecoderParts(WIDTHS, image_size=64)
@@ -417,12 +432,7 @@ def test_interactive_prompts_are_embedded_as_sam2s_predictor_does() -> None:
     with torch.no_grad():
         embedding, high_res = image_features(decoder.neck, decoder.mask_decoder.conv_s0, decoder.mask_decoder.conv_s1,
                                              decoder.no_mem_embed, grids)
-        position = torch.empty(256, 4, 4, dtype=torch.float64)
-        gaussian = state["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].double()
-        for row in range(4):
-            for col in range(4):
-                angles = 2 * math.pi * ((2 * torch.tensor([(col + 0.5) / 4, (row + 0.5) / 4], dtype=torch.float64) - 1) @ gaussian)
-                position[:, row, col] = torch.cat([angles.sin(), angles.cos()])
+        position = reference_positions(state["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].double(), 4, 4)
         dense = state["sam_prompt_encoder.no_mask_embed.weight"].double().reshape(1, -1, 1, 1).expand(2, -1, 4, 4)
         for kind, (given, sparse_rows) in cases.items():
             expected = decoder.mask_decoder(
@@ -440,39 +450,9 @@ def test_interactive_prompts_are_embedded_as_sam2s_predictor_does() -> None:
 def test_interactive_matches_the_sam2_package_when_installed() -> None:
     """SAM2's own prompt encoder and mask decoder on a box (as its image predictor passes one:
     two corner points labelled 2 and 3) and on clicks, against Sam2SingleMaskDecoder."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    was_initialised = GlobalHydra.instance().is_initialized()
-    pytest.importorskip("sam2")
-    if not was_initialised:
-        GlobalHydra.instance().clear()
-    from sam2.modeling.backbones.image_encoder import FpnNeck
-    from sam2.modeling.position_encoding import PositionEmbeddingSine
-    from sam2.modeling.sam.mask_decoder import MaskDecoder
-    from sam2.modeling.sam.prompt_encoder import PromptEncoder
-    from sam2.modeling.sam.transformer import TwoWayTransformer
-
     from vpt.heads.sam2_decoder import Sam2SingleMaskDecoder
 
-    torch.manual_seed(0)
-    mask_decoder = MaskDecoder(
-        transformer_dim=256, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=256, use_high_res_features=True,
-        iou_prediction_use_sigmoid=True, pred_obj_scores=True, pred_obj_scores_mlp=True, use_multimask_token_for_obj_ptr=True,
-    )
-    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=16)
-    neck = FpnNeck(
-        PositionEmbeddingSine(num_pos_feats=256), d_model=256, backbone_channel_list=WIDTHS[::-1], fpn_top_down_levels=[2, 3],
-        fpn_interp_model="nearest",
-    )
-    with torch.no_grad():
-        for module in (mask_decoder, prompt_encoder, neck):
-            for parameter in module.parameters():
-                parameter.add_(0.1 * torch.randn_like(parameter))
-    no_mem = torch.randn(1, 1, 256)
-    state = {"no_mem_embed": no_mem}
-    for prefix, module in (("sam_mask_decoder", mask_decoder), ("sam_prompt_encoder", prompt_encoder), ("image_encoder.neck", neck)):
-        state.update({f"{prefix}.{key}": value for key, value in module.state_dict().items()})
+    mask_decoder, prompt_encoder, neck, no_mem, state = sam2_package_modules()
     parts = Sam2DecoderParts(WIDTHS, image_size=64)
     parts.load_official({"model": state})
     ours = Sam2SingleMaskDecoder(parts).eval()
