@@ -11,16 +11,12 @@ Accepted inputs:
 
 from __future__ import annotations
 
-import contextlib
-import locale
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from vpt.data.classification import IMAGE_EXTENSIONS
-from vpt.data.medical.io import VOLUME_SUFFIXES, volume_suffix
+from vpt.data.medical.io import VOLUME_SUFFIXES, preserved_locale, volume_suffix
 from vpt.errors import DataError
 
 __all__ = ["INPUT_KINDS", "PredictionInput", "find_inputs"]
@@ -76,18 +72,6 @@ def _is_image(path: Path) -> bool:
 def _may_be_dicom(path: Path) -> bool:
     """Whether a file could be a DICOM slice (they often have no or numeric suffixes)."""
     return volume_suffix(path) is None and not _is_image(path) and path.suffix.lower() not in _NOT_DICOM_SUFFIXES
-
-
-@contextlib.contextmanager
-def preserved_locale() -> Iterator[None]:
-    """Run ITK's DICOM code (GDCM), which can switch the process to the "C" locale (later text
-    I/O of the process would turn ASCII), and put the locale back."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        if locale.setlocale(locale.LC_ALL) != saved:
-            locale.setlocale(locale.LC_ALL, saved)
 
 
 def _dicom_series(folder: Path) -> list[PredictionInput]:

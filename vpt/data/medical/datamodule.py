@@ -57,6 +57,7 @@ from vpt.data.medical.phantom import (
     PHANTOM_MARKER,
     write_phantom_dataset,
 )
+from vpt.data.medical.slice_inputs import SegmentationPreprocessing
 from vpt.data.medical.slicing import SliceGeometry, context_stack
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, UnitIntensity, label_dtype
@@ -250,36 +251,29 @@ class SliceDataset(Dataset):
 
 
 class VolumeDataset(Dataset):
-    """Whole cases for evaluation: resized, normalised slices and the original-resolution label.
+    """Whole cases for evaluation: network inputs of every slice and the original-resolution label.
 
     Args:
         cases: The cases, one item each.
         to_unit: Turns a case's image into [0, 1] (windowing or scaling), shape kept.
-        transform: Evaluation pipeline (resize only).
-        mean: Backbone normalisation mean, [0, 1] units.
-        std: Backbone normalisation standard deviation, [0, 1] units.
+        inputs: Turns [0, 1] slices into network inputs (context, resampling, resize or
+            tiles, normalisation): the object ``vpt-predict`` rebuilds from the run's record.
         num_classes: Number of classes, to check the labels.
         cache: Where the cases' preprocessed arrays are read from (built on first use);
             ``None`` reads and scales the source files per item.
-        geometry: Context slices, resampling and tiles; ``None`` is one slice, whole.
     """
 
     def __init__(
         self,
         cases: Sequence[Case],
         to_unit: Callable[[np.ndarray, Case], np.ndarray],
-        transform: A.Compose,
-        mean: Sequence[float],
-        std: Sequence[float],
+        inputs: SegmentationPreprocessing,
         num_classes: int,
         cache: VolumeCache | None = None,
-        geometry: SliceGeometry | None = None,
     ) -> None:
         self.cases = list(cases)
-        self.geometry = geometry
         self.to_unit = to_unit
-        self.transform = transform
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.inputs = inputs
         self.num_classes = int(num_classes)
         self.cache = cache
 
@@ -306,25 +300,13 @@ class VolumeDataset(Dataset):
             label = binary_mask_as_classes(arrays.label, self.num_classes, case.case_id, case.label)
             check_label_values(label, self.num_classes, case.case_id, case.label)
             unit, spacing = self.to_unit(arrays.image, case.case_id, case.image), arrays.spacing
-        geometry = self.geometry
-        context = geometry.context_slices if geometry is not None else 0
         in_plane = tuple(spacing[1:]) if spacing is not None else None
-        slices = []
-        for position in range(len(unit)):
-            plane = context_stack(unit, position, context).astype(np.float32)
-            if geometry is not None:
-                plane = geometry.network_plane(plane, in_plane)
-            if geometry is None or not geometry.tiled:
-                plane = self.transform(image=plane)["image"]
-            slices.append(to_model_input(plane, self.mean, self.std))
-        if geometry is not None and geometry.tiled:
-            valid = geometry.resampled_size(tuple(np.shape(label)[1:3]), in_plane)
-        else:
-            valid = tuple(slices[0].shape[-2:])
+        image = self.inputs.volume_inputs(unit, 0, len(unit), spacing=in_plane)
+        valid = self.inputs.valid_size(tuple(np.shape(label)[1:3]), in_plane) or tuple(image.shape[-2:])
         spacing = spacing if spacing is not None else (float("nan"),) * 3
         return {
             "valid_size": torch.tensor(valid, dtype=torch.int64),
-            "image": torch.stack(slices),
+            "image": image,
             "label": torch.from_numpy(np.asarray(label).astype(np.int64)),
             "spacing": torch.tensor(spacing, dtype=torch.float32),
             "case": case.case_id,
@@ -901,11 +883,13 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 f"The {split} split of {self.root} has no cases; add cases or change "
                 "task.data.val_fraction/test_fraction."
             )
-        transform = build_segmentation_transforms(self.image_size, train=False)
-        return VolumeDataset(
-            cases, self._intensity(), transform, self.mean, self.std, self.num_classes, cache=self.volume_cache(),
-            geometry=self.geometry,
-        )
+        return VolumeDataset(cases, self._intensity(), self.evaluation_inputs(), self.num_classes, cache=self.volume_cache())
+
+    def evaluation_inputs(self) -> SegmentationPreprocessing:
+        """How test and validation volumes become network inputs; ``vpt-predict`` rebuilds the
+        same object from the run's saved :class:`vpt.data.preprocessing.Preprocessing`."""
+        window = self._intensity().window
+        return SegmentationPreprocessing(self.image_size, self.mean, self.std, window, self.geometry)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training slices; drops a last partial batch if more than one batch exists."""

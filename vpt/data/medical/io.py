@@ -1,21 +1,33 @@
 """Reading and writing medical volumes and the per-slice files of preprocessed data sets.
 
-Every reader returns arrays in ``(D, H, W)`` = ``(z, y, x)`` order and spacings in
-millimetres in the same ``(z, y, x)`` order, whatever the file stores.
+One reader, SimpleITK, reads every volume of every path: training, ``vpt-check-data`` and
+``vpt-predict`` all go through :func:`read_image` (NIfTI, NRRD, MHA/MHD and DICOM series),
+so a scan gives the same voxels and the same geometry whichever command reads it. nnU-Net's
+default reader is SimpleITK too, so its data sets read here as they read there. nibabel is
+used only for what ITK's NIfTI reader hides: voxel data that ends early (ITK fills the
+missing part with zeros) and NaN or infinite voxels (ITK turns them into 0); one streaming
+pass over the NIfTI file finds both, and the stored values are then taken as nibabel
+decodes them, so the NaN check names them instead of training on zeros.
 
-Orientation is taken as the voxels are stored: NIfTI arrays are only transposed from
-nibabel's ``(x, y, z)`` to ``(z, y, x)`` and ITK arrays are already ``(z, y, x)``. Neither
-is reoriented to a canonical frame (RAS, LPS), so two files of one patient stored with
-different direction matrices give differently flipped arrays. Data sets written by one tool
-(nnU-Net, the Medical Segmentation Decathlon) store every case the same way, which is all
-slice-wise training needs.
+Every reader returns arrays in ``(D, H, W)`` = ``(z, y, x)`` order and spacings in
+millimetres in the same ``(z, y, x)`` order, whatever the file stores. Origins and
+directions are in ITK's LPS frame (ITK turns NIfTI's RAS into LPS when it reads).
+
+Orientation is taken as the voxels are stored: arrays are not reoriented to a canonical
+frame (RAS, LPS), so two files of one patient stored with different direction matrices give
+differently flipped arrays. Data sets written by one tool (nnU-Net, the Medical Segmentation
+Decathlon) store every case the same way, which is all slice-wise training needs, and
+predictions are written back on the input's own grid. Oblique (rotated) grids read as they
+are; a NIfTI affine with shear, which ITK cannot represent, is refused with the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +42,10 @@ __all__ = [
     "volume_suffix",
     "check_finite",
     "check_volume_complete",
+    "preserved_locale",
+    "read_image",
+    "image_array",
+    "image_geometry",
     "read_volume",
     "read_volume_with_geometry",
     "read_volume_geometry",
@@ -48,9 +64,6 @@ _ITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
 
 Spacing = tuple[float, float, float]
 
-# NIfTI headers are RAS, ITK's are LPS; flipping x and y puts both in ITK's frame so an image
-# and a label read by different libraries still compare.
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -113,28 +126,54 @@ def check_volume_complete(path: str | Path) -> None:
     Raises:
         DataError: The file is shorter than its header says, or its gzip stream is broken.
     """
+    path = Path(path)
+    if volume_suffix(path) in _NIFTI_SUFFIXES:
+        _scan_nifti(path)
+
+
+def _scan_nifti(path: Path) -> bool:
+    """Read a NIfTI file's voxel bytes once, as a stream: refuse a truncated file, and say
+    whether a floating-point volume holds NaN or infinite values.
+
+    Both are things ITK's NIfTI reader (nifticlib) hides: it zero-fills missing data and
+    replaces non-finite values with 0 without a word, so a broken scan would be trained on or
+    segmented as if it were clean. nibabel reads only the header here.
+
+    Returns:
+        Whether some voxel is NaN or infinite (always ``False`` for integer types).
+
+    Raises:
+        DataError: The file is shorter than its header says, or its gzip stream is broken.
+    """
     import gzip
     import zlib
 
-    path = Path(path)
-    suffix = volume_suffix(path)
-    if suffix not in _NIFTI_SUFFIXES:
-        return
     try:
         import nibabel as nib
 
         image = nib.load(str(path))
-        needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * np.dtype(image.get_data_dtype()).itemsize
-        if suffix == ".nii":
-            present = path.stat().st_size
+        dtype = np.dtype(image.get_data_dtype())
+        offset = int(image.dataobj.offset)
+        needed = offset + int(np.prod(image.shape)) * dtype.itemsize
+        floating = dtype.kind == "f"
+        if path.name.lower().endswith(".nii") and not floating:
+            present, non_finite = path.stat().st_size, False
         else:
-            present = 0
-            with gzip.open(path, "rb") as stream:
+            present, non_finite, pending = 0, False, b""
+            opener = open if path.name.lower().endswith(".nii") else gzip.open
+            with opener(path, "rb") as stream:
                 while present < needed:
                     chunk = stream.read(1 << 22)
                     if not chunk:
                         break
+                    start = max(0, offset - present)  # the header's bytes are not voxels
                     present += len(chunk)
+                    if floating and not non_finite and start < len(chunk):
+                        data = pending + chunk[start:]
+                        usable = len(data) - len(data) % dtype.itemsize
+                        values = np.frombuffer(data[:usable], dtype=dtype)
+                        non_finite = not np.isfinite(values).all()
+                        pending = data[usable:]
     except (EOFError, OSError, zlib.error) as error:
         raise DataError(
             f"Volume {path} is truncated or corrupt ({error}); replace it with an intact copy."
@@ -146,6 +185,7 @@ def check_volume_complete(path: str | Path) -> None:
             f"Volume {path} is truncated: its header needs {needed:,} bytes of voxels, the file holds {present:,}; "
             "replace it with an intact copy."
         )
+    return non_finite
 
 
 def volume_suffix(path: str | Path) -> str | None:
@@ -192,18 +232,6 @@ def _as_label(values: np.ndarray, path: Path) -> np.ndarray:
     return values.astype(np.int64, copy=False)
 
 
-def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
-    """Drop trailing singleton axes (NIfTI pads to 4D or 5D) and insist on three axes."""
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise DataError(
-            f"Volume {path} has shape {array.shape} but one 3D channel is expected; "
-            "split multi-channel or time-series files into one file per channel."
-        )
-    return array
-
-
 def read_volume(path: str | Path, label: bool = False) -> tuple[np.ndarray, Spacing]:
     """Read a NIfTI, NRRD, MHA or MHD volume.
 
@@ -237,19 +265,112 @@ def read_volume_with_geometry(path: str | Path, label: bool = False) -> tuple[np
         DataError: The file is missing, unreadable, not 3D, or has another suffix.
     """
     path = _existing_volume(path)
-    check_volume_complete(path)
-    try:
+    image = read_image(path)
+    array = image_array(image, path, label=label)
+    return array, image_geometry(image)
+
+
+def read_image(source: str | Path | Sequence[str | Path]) -> Any:
+    """The one volume reader: a file or a DICOM series as a 3D, one-value-per-voxel ``SimpleITK.Image``.
+
+    Training (through :func:`read_volume_with_geometry`), ``vpt-check-data`` and
+    ``vpt-predict`` all read volumes here. Trailing singleton axes (NIfTI files are often
+    stored 4D with one time point) are dropped.
+
+    Args:
+        source: A volume file (any of ``VOLUME_SUFFIXES``), or the files of one DICOM series
+            in slice order.
+
+    Returns:
+        The image, its voxels and geometry as ITK reads them.
+
+    Raises:
+        DataError: A missing, truncated or unreadable file or series, a sheared NIfTI
+            affine, or an image that is not a 3D single-channel volume.
+    """
+    import SimpleITK as sitk
+
+    non_finite = False
+    if isinstance(source, (str, Path)):
+        path = _existing_volume(source)
         if volume_suffix(path) in _NIFTI_SUFFIXES:
-            array, geometry = _read_nifti(path, label)
-        else:
-            array, geometry = _read_itk(path, label)
-    except DataError:
-        raise
-    except Exception as error:  # nibabel and ITK raise many unrelated types for broken files
-        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
-    array = _squeeze_to_3d(array, path)
-    array = _as_label(array, path) if label else array.astype(np.float32, copy=False)
-    return np.ascontiguousarray(array), VolumeGeometry(tuple(array.shape), *geometry)
+            non_finite = _scan_nifti(path)  # truncation and NaN, which ITK's NIfTI reader hides
+        files = [str(path)]
+    else:
+        files = [str(file) for file in source]
+        if not files:
+            raise DataError("No DICOM files were given; pass the files of one series.")
+        path = Path(files[0]).parent
+    try:
+        with preserved_locale():
+            if len(files) == 1:
+                image = sitk.ReadImage(files[0])
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(files)
+                image = reader.Execute()
+    except RuntimeError as error:
+        raise _read_error(path, error) from None
+    while image.GetDimension() > 3 and image.GetSize()[-1] == 1:
+        size = list(image.GetSize())
+        size[-1] = 0  # Extract drops an axis given size 0
+        image = sitk.Extract(image, size, [0] * image.GetDimension())
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"Volume {path} has {image.GetDimension()} axes and {image.GetNumberOfComponentsPerPixel()} "
+            "component(s) per voxel; save it as a 3D volume with one value per voxel (split multi-channel or "
+            "time-series files into one file per channel, 2D images as .png)."
+        )
+    if non_finite:
+        # ITK turned the NaN/inf voxels into 0; take the stored values, keep ITK's geometry,
+        # so the NaN check of the caller names them rather than training on zeros.
+        image = _with_stored_voxels(image, path)
+    return image
+
+
+def _with_stored_voxels(image: Any, path: Path) -> Any:
+    """``image`` with its voxels as nibabel decodes them from the NIfTI file ``path``."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    array = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    stored = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))  # (x, y, z) -> (z, y, x)
+    stored.CopyInformation(image)
+    return stored
+
+
+def image_array(image: Any, path: str | Path, label: bool = False, case_id: str | None = None) -> np.ndarray:
+    """The voxels of an image from :func:`read_image` as a contiguous ``(D, H, W)`` array.
+
+    Args:
+        image: The image.
+        path: Its file, for messages.
+        label: Whether it is a label map: values must be whole numbers and come back as the
+            smallest fitting integer type (uint8 for up to 255 classes); else float32.
+        case_id: With an image (not a label): insist that no voxel is NaN or infinite, naming
+            this case.
+
+    Returns:
+        ``(D, H, W)`` = ``(z, y, x)`` voxels.
+    """
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)  # already (z, y, x)
+    array = _as_label(array, Path(path)) if label else array.astype(np.float32, copy=False)
+    if case_id is not None and not label:
+        check_finite(array, path, case_id)
+    return np.ascontiguousarray(array)
+
+
+def image_geometry(image: Any) -> VolumeGeometry:
+    """Where the voxels of a 3D ``SimpleITK.Image`` (or of a reader that read a header) lie."""
+    size = tuple(int(side) for side in image.GetSize())
+    shape = (*size[:3][::-1], *size[3:])
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return VolumeGeometry(shape, *_itk_placement(image))
 
 
 def read_volume_geometry(path: str | Path) -> VolumeGeometry:
@@ -266,28 +387,16 @@ def read_volume_geometry(path: str | Path) -> VolumeGeometry:
     Raises:
         DataError: The file is missing, unreadable, or has another suffix.
     """
+    import SimpleITK as sitk
+
     path = _existing_volume(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        if volume_suffix(path) in _NIFTI_SUFFIXES:
-            import nibabel as nib
-
-            image = nib.load(str(path))
-            shape = tuple(int(side) for side in image.shape)
-            shape = (*shape[:3][::-1], *shape[3:])
-            placement = _nifti_placement(image)
-        else:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            shape = tuple(int(side) for side in reader.GetSize()[::-1])
-            placement = _itk_placement(reader)
-    except Exception as error:  # as in read_volume: broken headers raise many types
-        raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from error
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return VolumeGeometry(shape, *placement)
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise _read_error(path, error) from None
+    return image_geometry(reader)
 
 
 def read_volume_shape(path: str | Path) -> tuple[int, ...]:
@@ -300,6 +409,31 @@ def read_volume_shape(path: str | Path) -> tuple[int, ...]:
         The shape as :func:`read_volume` would return it (trailing singleton axes dropped).
     """
     return read_volume_geometry(path).shape
+
+
+@contextlib.contextmanager
+def preserved_locale() -> Iterator[None]:
+    """Run ITK's DICOM code (GDCM), which can switch the process to the "C" locale (later text
+    I/O of the process would turn ASCII), and put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
+def _read_error(path: Path, error: BaseException) -> DataError:
+    """One sentence for an ITK read failure (its first lines name C++ source files)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = (lines[-1] if lines else type(error).__name__)[:200]
+    if "orthonormal" in reason:
+        return DataError(
+            f"Volume {path} has a sheared (non-orthonormal) affine, which ITK and so vpt cannot place; resample it "
+            "onto an orthonormal grid (e.g. nibabel.processing.resample_from_to, or 3D Slicer's Harden transform) "
+            "and write it again."
+        )
+    return DataError(f"Cannot read volume {path} ({reason}); replace the file with an intact copy.")
 
 
 def _existing_volume(path: str | Path) -> Path:
@@ -318,60 +452,17 @@ def _existing_volume(path: str | Path) -> Path:
 _Placement = tuple[Spacing, Optional[tuple[float, float, float]], Optional[tuple[float, ...]]]
 
 
-def _nifti_placement(image: Any) -> _Placement:
-    """Spacing from the NIfTI zooms; origin and direction from its affine, turned from RAS to LPS."""
-    zooms = tuple(float(zoom) for zoom in image.header.get_zooms()[:3])
-    if len(zooms) < 3:
-        raise DataError(f"Volume {image.get_filename()} has fewer than three axes; save it as a 3D volume.")
-    affine = np.asarray(image.affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        return (zooms[2], zooms[1], zooms[0]), None, None
-    linear = _RAS_TO_LPS @ affine[:3, :3]
-    lengths = np.linalg.norm(linear, axis=0)
-    direction = linear / np.where(lengths > 0, lengths, 1.0)
-    origin = _RAS_TO_LPS @ affine[:3, 3]
-    return (
-        (zooms[2], zooms[1], zooms[0]),
-        tuple(float(value) for value in origin),
-        tuple(float(value) for value in direction.ravel()),
-    )
-
-
 def _itk_placement(image: Any) -> _Placement:
-    """Spacing, origin and direction of an ITK image or of a reader that read the header."""
-    spacing = tuple(float(value) for value in image.GetSpacing())  # (x, y, z)
-    if len(spacing) != 3:
+    """Spacing, origin and direction of the first three axes of an ITK image or header reader."""
+    spacing = tuple(float(value) for value in image.GetSpacing())  # (x, y, z, ...)
+    dimension = len(spacing)
+    if dimension < 3:
         padded = (*spacing, 1.0, 1.0, 1.0)[:3]
         return (padded[2], padded[1], padded[0]), None, None
-    origin = tuple(float(value) for value in image.GetOrigin())
-    direction = tuple(float(value) for value in image.GetDirection())
+    origin = tuple(float(value) for value in image.GetOrigin()[:3])
+    matrix = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)[:3, :3]
+    direction = tuple(float(value) for value in matrix.ravel())
     return (spacing[2], spacing[1], spacing[0]), origin, direction
-
-
-def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, _Placement]:
-    import nibabel as nib
-
-    image = nib.load(str(path))
-    # dataobj keeps the stored integer type for labels; get_fdata would scale to float64.
-    array = np.asanyarray(image.dataobj) if label else image.get_fdata(dtype=np.float32)
-    if array.ndim < 3 or len(image.header.get_zooms()) < 3:
-        raise DataError(f"Volume {path} has shape {array.shape}, not three axes; save it as a 3D volume.")
-    # nibabel indexes (x, y, z, ...); move the spatial axes to (z, y, x) and keep the rest behind.
-    array = np.moveaxis(array, (0, 1, 2), (2, 1, 0))
-    return array, _nifti_placement(image)
-
-
-def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, _Placement]:
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(
-            f"Volume {path} has {image.GetDimension()} axes and {image.GetNumberOfComponentsPerPixel()} "
-            "component(s) per voxel; save it as a 3D volume with one value per voxel."
-        )
-    array = sitk.GetArrayFromImage(image)  # already (z, y, x)
-    return array, _itk_placement(image)
 
 
 def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] | None = None) -> Path:
@@ -401,18 +492,11 @@ def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] |
         raise DataError(f"Cannot write an array of shape {array.shape} to {path}; pass a (D, H, W) volume.")
     z, y, x = (float(value) for value in (spacing if spacing is not None else (1.0, 1.0, 1.0)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in _NIFTI_SUFFIXES:
-        import nibabel as nib
+    import SimpleITK as sitk
 
-        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), np.diag([-x, -y, z, 1.0]))
-        image.header.set_xyzt_units("mm")
-        nib.save(image, str(path))
-    else:
-        import SimpleITK as sitk
-
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-        image.SetSpacing((x, y, z))
-        sitk.WriteImage(image, str(path), useCompression=True)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing((x, y, z))  # identity direction: ITK stores it in NIfTI as RAS diag(-x, -y, z)
+    sitk.WriteImage(image, str(path), useCompression=True)
     return path
 
 
