@@ -598,9 +598,9 @@ def test_an_old_version_run_still_evaluates_and_predicts(runs, phantom, tmp_path
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
 def test_the_training_and_prediction_readers_give_the_same_arrays_and_geometry(phantom, tmp_path, suffix) -> None:
-    """Training reads volumes with vpt.data.medical.io (nibabel for NIfTI, SimpleITK otherwise),
-    prediction with SimpleITK: for an oblique, shifted volume in each format they agree voxel for
-    voxel and on the geometry, and a NIfTI and an NRRD of the same volume read the same."""
+    """Training (vpt.data.medical.io.read_volume_with_geometry) and prediction (read_input_volume)
+    read through one function: for an oblique, shifted volume in each format they agree voxel for
+    voxel and on the geometry ITK wrote, and a NIfTI and an NRRD of the same volume read the same."""
     from vpt.data.medical.io import read_volume_with_geometry
     from vpt.inference.inputs import find_inputs
     from vpt.inference.volumes import read_input_volume, volume_array
@@ -673,3 +673,104 @@ def test_a_prompt_bank_refuses_files_trained_on_other_base_weights(runs, tmp_pat
     PromptBank.from_files(model, [tmp_path / "a.safetensors", source])  # same weights: one bank
     with pytest.raises(CheckpointError, match="another base encoder"):
         PromptBank.from_files(model, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+
+
+def _labels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_predicting_a_test_case_equals_its_test_time_prediction_in_every_format(runs, seg_run, tmp_path) -> None:
+    """The data module's test volume (read from its file, preprocessed by the one evaluation
+    object, uncached so nothing is float16) and vpt-predict on that file, on an oblique NRRD
+    and an oblique NIfTI copy give the same labels voxel for voxel; a DICOM series and an
+    NRRD of the same int16 volume do too."""
+    from omegaconf import OmegaConf
+
+    from vpt.tasks import build_task
+
+    config = OmegaConf.load(runs["seg"] / "config.yaml")
+    config.task.data.cache = False
+    datamodule = build_task(config).datamodule
+    datamodule.setup("test")
+    case = datamodule.cases("test")[0]
+    item = datamodule.volume_dataset("test")[0]
+    shape = tuple(item["label"].shape[1:])
+    test_time = seg_run.parts.module.predict_volume(item["image"], shape).numpy()
+    with torch.no_grad():  # this short run mostly says background: its probabilities are compared too
+        logits = F.interpolate(seg_run.parts.model(item["image"]).float(), size=shape, mode="bilinear", align_corners=False)
+    test_scores = logits.softmax(dim=1).permute(0, 2, 3, 1).numpy()
+    assert test_scores.std() > 0.01
+
+    volume, _ = read_volume(case.image)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "as_stored.nii.gz").write_bytes(Path(case.image).read_bytes())
+    _itk_volume(volume, folder / "oblique.nrrd")
+    _itk_volume(volume, folder / "oblique.nii.gz")
+    predict(folder, tmp_path / "out", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    for name in ("as_stored.nii.gz", "oblique.nrrd", "oblique.nii.gz"):
+        np.testing.assert_array_equal(_labels(tmp_path / "out" / name), test_time, err_msg=name)
+        stem, suffix = name.split(".", 1)
+        scores = _labels(tmp_path / "out" / f"{stem}_probabilities.{suffix}")
+        np.testing.assert_allclose(scores, test_scores, atol=1e-5, err_msg=name)
+
+    whole = np.clip(np.rint(volume), -1024, 3000)
+    series = tmp_path / "dicom" / "series_3"
+    dicom = _write_dicom_series(whole, series)
+    nrrd = tmp_path / "int16" / "same.nrrd"
+    nrrd.parent.mkdir()
+    sitk.WriteImage(dicom, str(nrrd))
+    predict(series, tmp_path / "out_dicom", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    predict(nrrd, tmp_path / "out_nrrd", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    np.testing.assert_array_equal(_labels(tmp_path / "out_dicom" / "series_3.nii.gz"), _labels(tmp_path / "out_nrrd" / "same.nrrd"))
+    np.testing.assert_array_equal(
+        _labels(tmp_path / "out_dicom" / "series_3_probabilities.nii.gz"), _labels(tmp_path / "out_nrrd" / "same_probabilities.nrrd")
+    )
+
+
+def test_one_reader_refuses_the_same_files_in_training_check_data_and_predict(runs, phantom, tmp_path) -> None:
+    """A NIfTI volume with a NaN voxel (ITK alone reads it as 0) and one with a sheared affine
+    (ITK cannot place it): the training reader, vpt-check-data and vpt-predict refuse both,
+    with the same reason."""
+    from vpt.data.medical import read_volume_with_geometry
+    from vpt.data.medical.integrity import check_dataset
+
+    with_nan = phantom.copy()
+    with_nan[3, 10, 20] = np.nan
+    nan_file = tmp_path / "nan" / "scan.nii.gz"
+    nan_file.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(with_nan.transpose(2, 1, 0)), np.diag([-1.0, -1.0, 2.0, 1.0])), str(nan_file))
+    assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(nan_file)))).any()  # what ITK alone gives
+    array, _ = read_volume_with_geometry(nan_file)
+    assert np.isnan(array[3, 10, 20]) and np.isnan(array).sum() == 1
+    np.testing.assert_array_equal(np.nan_to_num(array), np.nan_to_num(with_nan))
+    with pytest.raises(DataError, match=r"scan.* 1 non-finite"):
+        predict(nan_file, tmp_path / "out_nan", run_dir=runs["seg"], device="cpu", progress=False)
+
+    sheared_file = tmp_path / "sheared" / "scan.nii.gz"
+    sheared_file.parent.mkdir()
+    affine = np.array([[1.0, 0.3, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(phantom.transpose(2, 1, 0)), affine), str(sheared_file))
+    with pytest.raises(DataError, match="sheared") as refused:
+        read_volume_with_geometry(sheared_file)
+    with pytest.raises(DataError, match="sheared"):
+        predict(sheared_file, tmp_path / "out_sheared", run_dir=runs["seg"], device="cpu", progress=False)
+    assert not (tmp_path / "out_nan").exists() or not any((tmp_path / "out_nan").iterdir())
+
+    # vpt-check-data and the data module read the same files through the same reader.
+    from tests.test_medical_data import nnunet_module, write_case, write_dataset_json
+
+    root = tmp_path / "Dataset001_Reader"
+    write_dataset_json(root, {"background": 0, "organ": 1})
+    label = (phantom > phantom.mean()).astype(np.uint8)
+    write_case(root, "good", label, phantom)
+    for name, source in (("nan", nan_file), ("sheared", sheared_file)):
+        (root / "imagesTr").joinpath(f"{name}_0000.nii.gz").write_bytes(source.read_bytes())
+        affine = nib.load(str(source)).affine
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(label.transpose(2, 1, 0)), affine), str(root / "labelsTr" / f"{name}.nii.gz"))
+    problems = {(problem.case, problem.kind): problem.message for problem in check_dataset(root)}
+    assert "1 NaN or inf voxel(s), the first at index (3, 10, 20)" in problems[("nan", "non_finite_image")]
+    assert "sheared (non-orthonormal) affine" in problems[("sheared", "unreadable")]
+    assert not any(case == "good" for case, _ in problems)
+    with pytest.raises(DataError, match=r"Case nan: image .*nan_0000\.nii\.gz holds 1 non-finite"):
+        nnunet_module(root, val_fraction=0.0, test_fraction=0.0, cache=False).check_cases(splits=("train",))
