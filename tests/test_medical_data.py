@@ -169,7 +169,7 @@ def test_nnunet_layout_errors(tmp_path: Path) -> None:
         find_cases(tmp_path / "empty")
     for folder in ("imagesTr", "labelsTr"):
         (tmp_path / "none" / folder).mkdir(parents=True)
-    with pytest.raises(DataError, match="no labelled cases"):
+    with pytest.raises(DataError, match="imagesTr holds no image volumes"):
         find_cases(tmp_path / "none")
     write_volume(tmp_path / "orphan" / "imagesTr" / "x_0000.nii.gz", np.zeros(SHAPE), SPACING)
     (tmp_path / "orphan" / "labelsTr").mkdir()
@@ -530,7 +530,7 @@ def test_non_finite_synapse_files_name_the_case(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"Case case0006: image .*case0006_slice001\.npz holds 1 non-finite"):
         module.check_cases(splits=("train",))
     dataset = module.dataset("train")
-    bad = [index for index, record in enumerate(dataset.records) if record.path.name == "case0006_slice001.npz"]
+    bad = [index for index, record in enumerate(dataset.records) if record.source.path.name == "case0006_slice001.npz"]
     dataset[0]  # clean slices still load
     with pytest.raises(DataError, match="Case case0006"):
         dataset[bad[0]]

@@ -93,10 +93,11 @@ def test_entries_are_written_once_and_reused(phantom_root: Path, build_count: li
 def test_training_slices_are_memory_mapped(phantom_root: Path) -> None:
     module = make_module(phantom_root)
     dataset = module.dataset("train", train=True)
+    from vpt.data.medical.slice_sources import CachedSlice
+
     for record in dataset.records:
-        assert record.image is None and record.label is None, "no slice array held in memory"
-        assert record.cached is not None
-    cached = dataset.records[0].cached
+        assert isinstance(record.source, CachedSlice), "no slice array held in memory"
+    cached = dataset.records[0].source.cached
     assert isinstance(cached.image(), np.memmap) and isinstance(cached.label(), np.memmap)
     assert cached.image().dtype == np.float16 and cached.label().dtype == np.uint8
     assert cached.image().shape == cached.label().shape == SMALL_PHANTOM

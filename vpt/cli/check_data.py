@@ -5,7 +5,8 @@ integrity check).
     vpt-check-data root=DIR [layout=auto] [values=true]
 
 ``root`` is the data set folder; ``layout`` is auto (detected), nnunet (nnU-Net v2 and
-Medical Segmentation Decathlon), synapse or folder2d; ``values=false`` checks only file
+Medical Segmentation Decathlon), synapse, folder2d or phantoms (the layout classes the
+training loaders use, :mod:`vpt.data.medical.layouts`); ``values=false`` checks only file
 names and headers, skipping the slow voxel checks (NaN/inf intensities, label values,
 empty labels).
 

@@ -47,17 +47,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vpt.data.classification import SPLITS
-from vpt.data.medical.cache import CachedCase, VolumeCache, resolve_cache_dir
-from vpt.data.medical.io import check_finite, read_npz_slice, read_volume_geometry
-from vpt.data.medical.layouts import LAYOUTS, Case, CaseArrays, CaseIndex, dataset_modality, find_cases, load_case
+from vpt.data.medical.cache import VolumeCache, resolve_cache_dir
+from vpt.data.medical.io import read_npz_slice, read_volume_geometry
+from vpt.data.medical.layouts import (
+    LAYOUT_REGISTRY,
+    Case,
+    CaseArrays,
+    CaseIndex,
+    PhantomLayout,
+    dataset_modality,
+    find_cases,
+    get_layout,
+    load_case,
+)
 from vpt.data.medical.orientation import DisplayOrientation, display_orientation
 from vpt.data.medical.phantom import (
     DEFAULT_PHANTOM_SHAPE,
     PHANTOM_CLASS_NAMES,
     PHANTOM_MARKER,
-    write_phantom_dataset,
 )
 from vpt.data.medical.slice_inputs import SegmentationPreprocessing
+from vpt.data.medical.slice_sources import CachedSlice, MemorySlice, SliceSource, SynapseSliceFile
 from vpt.data.medical.slicing import SliceGeometry, context_stack
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, UnitIntensity, label_dtype
@@ -154,28 +164,18 @@ class _CasePreprocessor:
 
 @dataclass(frozen=True)
 class _SliceRecord:
-    """One training/validation slice: its arrays in memory, or the file(s) that hold them."""
+    """One training/validation slice: where it is read from, and where it lies."""
 
     case_id: str
     slice_number: int
-    image: np.ndarray | None = None  # (H, W) float16 in [0, 1], or (H, W, 3) (colour, or context z-1, z, z+1)
-    label: np.ndarray | None = None  # (H, W) uint8/uint16
-    path: Path | None = None  # Synapse npz slice, read per item
-    neighbours: tuple[Path, Path] | None = None  # Synapse npz slices z-1 and z+1 (edges clamped)
-    cached: CachedCase | None = None  # cache entry of the case (shared by its slices), read per item
-    position: int = 0  # index of the slice in the cached volume
+    source: SliceSource
     spacing: tuple[float, float] | None = None  # in-plane (y, x) mm, None when unknown
     shape: tuple[int, int] = (0, 0)  # (H, W) of the slice as stored
     tile: tuple[int, int] | None = None  # validation tile origin (y, x) on the network grid
 
     def stored_label(self) -> np.ndarray:
-        """The slice's label as stored, ``(H, W)`` class indices (read from its file or cache entry)."""
-        if self.path is not None:
-            return read_npz_slice(self.path, label_only=True)[1]
-        if self.cached is not None:
-            return np.asarray(self.cached.label()[self.position])
-        assert self.label is not None, "a slice record holds its label, its file or its cache entry"
-        return self.label
+        """The slice's label as stored, ``(H, W)`` class indices."""
+        return self.source.stored_label()
 
 
 class SliceDataset(Dataset):
@@ -217,22 +217,7 @@ class SliceDataset(Dataset):
         """
         record = self.records[index]
         context = self.geometry.context_slices if self.geometry is not None else 0
-        if record.path is not None:
-            image, label = read_npz_slice(record.path)
-            # Synapse slice images are first read here, in a worker, so this is where a NaN shows.
-            check_finite(image, record.path, record.case_id)
-            if context and record.neighbours is not None:
-                before, after = (read_npz_slice(path)[0] for path in record.neighbours)
-                for path, plane in zip(record.neighbours, (before, after)):
-                    check_finite(plane, path, record.case_id)
-                image = np.stack([before, image, after], axis=-1)
-            image = np.clip(image, 0.0, 1.0)
-        elif record.cached is not None:
-            # Mapped per item and released with it, so no whole volume stays resident here.
-            image = np.array(context_stack(record.cached.image(), record.position, context))
-            label = np.array(record.cached.label()[record.position])
-        else:
-            image, label = record.image, record.label
+        image, label = record.source.read(context)
         image = image.astype(np.float32)
         label = label.astype(self.mask_dtype, copy=False)
         if self.geometry is not None:
@@ -356,7 +341,8 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
 
     Args:
         root: The data set folder.
-        layout: ``"auto"`` or one of ``"nnunet"``, ``"synapse"``, ``"folder2d"``.
+        layout: ``"auto"`` or a registered layout (:data:`vpt.data.medical.layouts.LAYOUTS`:
+            ``"nnunet"``, ``"synapse"``, ``"folder2d"``, ``"phantoms"``).
         num_classes: Number of classes including the background; ``None`` takes the
             layout's class names (``dataset.json``; Synapse's 9).
         image_size: Backbone input side, or ``(height, width)``.
@@ -427,9 +413,9 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
         tile_overlap: float = 0.5,
     ) -> None:
         super().__init__()
-        if layout != "auto" and layout not in LAYOUTS:
+        if layout != "auto" and layout not in LAYOUT_REGISTRY:
             raise ConfigError(
-                f"Layout {layout!r} is not known; set task.data.layout to auto or one of {', '.join(LAYOUTS)}."
+                f"Layout {layout!r} is not known; set task.data.layout to auto or one of {', '.join(LAYOUT_REGISTRY)}."
             )
         if num_classes is not None and num_classes < 2:
             raise ConfigError(f"num_classes={num_classes} is not valid; count the background, so use 2 or more.")
@@ -502,7 +488,9 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the phantom cases when asked for (Lightning runs this on one process per node)."""
         if self._wants_phantoms():
-            write_phantom_dataset(self.root, self.num_phantoms, seed=self.phantom_seed, shape=self.phantom_shape)
+            phantoms = get_layout("phantoms")
+            assert isinstance(phantoms, PhantomLayout)
+            phantoms.prepare(self.root, self.num_phantoms, seed=self.phantom_seed, shape=self.phantom_shape)
 
     def case_index(self) -> CaseIndex:
         """The cases and class names found in ``root`` (listed once, no image decoded)."""
@@ -736,10 +724,8 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 last = len(case.slice_files) - 1
                 for position in self._select_slices(np.asarray(labels), case.case_id):
                     neighbours = (case.slice_files[max(position - 1, 0)], case.slice_files[min(position + 1, last)])
-                    records.append(_SliceRecord(
-                        case.case_id, int(case.slice_numbers[position]), path=case.slice_files[position],
-                        neighbours=neighbours, shape=shapes[position],
-                    ))
+                    source = SynapseSliceFile(case.slice_files[position], neighbours, case.case_id)
+                    records.append(_SliceRecord(case.case_id, int(case.slice_numbers[position]), source, shape=shapes[position]))
                 continue
             if cache is not None:
                 # Only the case's entry (paths) is kept; items read their slice from the mapped file.
@@ -750,7 +736,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                 del label_volume
                 for position in self._select_slices(foreground, case.case_id):
                     records.append(_SliceRecord(
-                        case.case_id, cached.slice_numbers[position], cached=cached, position=int(position),
+                        case.case_id, cached.slice_numbers[position], CachedSlice(cached, int(position)),
                         spacing=_in_plane(cached.spacing), shape=shape,
                     ))
                 continue
@@ -769,7 +755,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             shape = (int(arrays.label.shape[1]), int(arrays.label.shape[2]))
             for offset, position in enumerate(positions):
                 records.append(_SliceRecord(
-                    case.case_id, int(arrays.slice_numbers[position]), images[offset], labels[offset],
+                    case.case_id, int(arrays.slice_numbers[position]), MemorySlice(images[offset], labels[offset]),
                     spacing=_in_plane(arrays.spacing), shape=shape,
                 ))
         if not records and self.cases(split):
