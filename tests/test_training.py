@@ -174,3 +174,25 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(VptError, match="loss became"):
         train(cfg, run_dir=tmp_path / "nan")
     assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_resume_onto_another_base_encoder_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    """Lightning checkpoints hold the trained tensors only; they name the base weights' fingerprint,
+    so resuming them on a random-init encoder (or another checkpoint file) stops before training,
+    and the run folder resumed into keeps its record."""
+    import shutil
+
+    from vpt.errors import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.json").unlink()  # as an interrupted run's folder, which is resumed into
+    record = (run / ".hydra" / "overrides.yaml").read_text()
+    last = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert len(saved["vpt_base_encoder"]["fingerprint"]) == 64
+    cfg = compose_config([*FAST, "trainer.max_epochs=2", "model.checkpoint=null", "model.pretrained=false", f"ckpt_path={last}"])
+    with pytest.raises(CheckpointError, match=r"from checkpoint vit_micro_shapes\.fp16\.safetensors .*from random init"):
+        train(cfg, run_dir=run)
+    assert (run / ".hydra" / "overrides.yaml").read_text() == record
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == saved["global_step"]

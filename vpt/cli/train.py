@@ -111,7 +111,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
 
     from vpt.data.preprocessing import Preprocessing
     from vpt.methods import applied_method, parameter_groups, parameter_table, save_trained_weights
-    from vpt.methods.trained_weights import base_encoder_identity
+    from vpt.methods.trained_weights import base_encoder_identity, check_base_encoder
     from vpt.metrics import format_organ_table
     from vpt.tasks import build_task, check_training_data
     from vpt.training import (
@@ -142,7 +142,7 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     # The checks passed: from here on the run folder is ours to write.
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if launched_rank == 0:
+        if launched_rank == 0 and checkpoint is None:
             _write_hydra_record(run_dir, cfg)
     except OSError as error:
         raise ConfigError(f"Cannot write the run folder {run_dir} ({error.strerror}); choose a writable hydra.run.dir.") from None
@@ -157,6 +157,13 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     parts = build_task(cfg)
     # The base encoder as built, before training may cast it (bf16-true): stored with the weights.
     base_encoder = base_encoder_identity(cfg.model, parts.model)
+    parts.module.base_encoder = base_encoder  # stored in every checkpoint
+    if checkpoint is not None:
+        # The checkpoint holds trained tensors only: on other base weights they would train on
+        # silently as if nothing had changed.
+        check_base_encoder(checkpoint.get("vpt_base_encoder"), base_encoder, ckpt_path)
+        if launched_rank == 0:  # written once the resume is known to fit, so a refusal leaves the record
+            _write_hydra_record(run_dir, cfg)
     if hasattr(parts.datamodule, "check_cases"):
         # Every case of every split is read once now, so that a broken test case (NaN
         # voxels, a label of another size or spacing) stops the run before training.

@@ -30,6 +30,10 @@ class TrainableCheckpointMixin:
     strict_loading = False
     model: nn.Module
     backbone_id: str
+    #: The frozen base encoder's identity with its weights' fingerprint
+    #: (:func:`vpt.methods.trained_weights.base_encoder_identity`), set by vpt-train and stored
+    #: in every checkpoint, so resuming onto other base weights is refused.
+    base_encoder: Optional[dict[str, Any]] = None
 
     def _trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -38,6 +42,8 @@ class TrainableCheckpointMixin:
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["vpt_backbone"] = self.backbone_id
+        if self.base_encoder is not None:
+            checkpoint["vpt_base_encoder"] = dict(self.base_encoder)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved_backbone = checkpoint.get("vpt_backbone")
