@@ -54,4 +54,7 @@ def migrate_run_config(cfg: DictConfig, source: str) -> DictConfig:
                 task.decoder = "light"
                 _logger.info("%s is a run config from before task.decoder existed: its segmentation network used task.decoder=light.", source)
         migrated.config_version = CONFIG_VERSION
-    return migrated
+    # The migrated config read as today's schema: keys it leaves out get today's defaults.
+    from vpt.config_schema import typed_run_config
+
+    return typed_run_config(migrated, source)

@@ -186,7 +186,7 @@ def evaluate(
 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_accelerator({"accelerator": trainer_cfg.get("accelerator", "auto")})
-    L.seed_everything(cfg.get("seed", 0), verbose=False)
+    L.seed_everything(cfg.seed, verbose=False)
     with rebuilding_a_run():  # the run's training said what its data and backbone are
         parts = build_task(cfg)
     if saved is not None:

@@ -105,6 +105,10 @@ def train(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
             that is missing, unreadable or from another model/method/task, a
             ``task.test_checkpoint`` other than best/last (nothing written).
     """
+    from vpt.config_schema import typed_run_config
+
+    # Types and defaults from vpt/config_schema.py; the run folder's config.yaml records them.
+    cfg = typed_run_config(cfg, "the composed config")
     # torch, Lightning and the backbones load here, not at import, so that --help is quick.
     import lightning as L
     import torch

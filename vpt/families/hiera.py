@@ -97,14 +97,14 @@ def create_hiera(model_cfg: DictConfig, checkpoint_state: Optional[Mapping[str, 
     name = str(model_cfg.name)
     if name not in _TIMM_NAMES:
         raise ConfigError(f"model.name={name} is not a SAM2 Hiera architecture; use one of {', '.join(_TIMM_NAMES)}.")
-    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.kwargs else {}
     model = timm.create_model(name, pretrained=False, **kwargs)  # type: ignore[arg-type]
-    checkpoint = model_cfg.get("checkpoint")
+    checkpoint = model_cfg.checkpoint
     if checkpoint and checkpoint_state is not None:
         load_hiera_checkpoint(model, checkpoint_state, source=checkpoint)
     elif checkpoint:
         load_hiera_checkpoint(model, str(checkpoint))
-    elif model_cfg.get("pretrained", False):
+    elif model_cfg.pretrained:
         raise WeightsUnavailableError(
             f"model={model_cfg.get('config_name', name)} needs SAM2 weights; pass model.checkpoint=/path/sam2.1_hiera_*.pt "
             "(or MedSAM2_latest.pt), or model.pretrained=false for a random-init encoder."
@@ -166,13 +166,13 @@ class HieraFamily(EncoderFamily):
         from vpt.heads import MultiLevelDecoder
         from vpt.models.segmenters import VitSegmenter
 
-        kind = str(cfg.task.get("decoder", "multilevel"))
+        kind = str(cfg.task.decoder)
         if kind not in HIERA_DECODERS:
             raise ConfigError(
                 f"task.decoder={kind} reads a plain ViT's token grid; Hiera models use task.decoder=multilevel or "
                 "task.decoder=sam2 (SAM2's mask decoder)."
             )
-        features = str(cfg.task.get("encoder_features", "real"))
+        features = str(cfg.task.encoder_features)
         if features not in ("real", "zeros"):
             raise ConfigError(f"task.encoder_features={features} is not valid; use real, or zeros (a decoder-alone control).")
         hiera, encoder, parts, data = self._encoder_and_parts(cfg, with_sam2_parts=kind == "sam2")
@@ -181,12 +181,12 @@ class HieraFamily(EncoderFamily):
             from vpt.heads.sam2_decoder import Sam2MulticlassDecoder
 
             decoder = Sam2MulticlassDecoder(parts, num_classes)
-            decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+            decoder.requires_grad_(bool(cfg.task.train_decoder))
         else:
             widths = [level.width for level in self.feature_levels(hiera)]
             decoder = MultiLevelDecoder(
-                widths, num_classes, list(range(len(widths))), hidden_dim=int(cfg.task.get("decoder_dim", 128)),
-                in_chans=3, image_stem=bool(cfg.task.get("image_stem", True)), scales=[1.0] * len(widths),
+                widths, num_classes, list(range(len(widths))), hidden_dim=int(cfg.task.decoder_dim),
+                in_chans=3, image_stem=bool(cfg.task.image_stem), scales=[1.0] * len(widths),
             )
         return VitSegmenter(encoder, decoder, zero_features=features == "zeros"), data
 
@@ -199,7 +199,7 @@ class HieraFamily(EncoderFamily):
         _, encoder, parts, data = self._encoder_and_parts(cfg, with_sam2_parts=True)
         assert parts is not None
         decoder = Sam2SingleMaskDecoder(parts)
-        decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))  # its prompt encoder stays frozen
+        decoder.requires_grad_(bool(cfg.task.train_decoder))  # its prompt encoder stays frozen
         return InteractiveSamSegmenter(encoder, decoder), data
 
     def _encoder_and_parts(self, cfg: Any, with_sam2_parts: bool) -> tuple[HieraDet, nn.Module, Any, dict[str, Any]]:
@@ -207,11 +207,11 @@ class HieraFamily(EncoderFamily):
         asked for; from the same checkpoint file, read once) and the data settings."""
         from vpt.methods import apply_method, options_of
 
-        size = cfg.model.get("img_size")
+        size = cfg.model.img_size
         if not size:
             raise ConfigError(f"model={cfg.model.name} needs model.img_size (SAM2 uses 1024, MedSAM2 512).")
         source, state = None, None
-        if with_sam2_parts and cfg.model.get("checkpoint"):
+        if with_sam2_parts and cfg.model.checkpoint:
             source, state = _read_checkpoint(str(cfg.model.checkpoint))
         hiera = create_hiera(cfg.model, state)
         options = options_of(OmegaConf.to_container(cfg.method, resolve=True))  # type: ignore[arg-type]

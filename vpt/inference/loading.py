@@ -228,7 +228,7 @@ def rebuild_run(cfg: DictConfig, weights_path: Path, device: Optional[str] = Non
     saved = read_trained_metadata(weights_path)
     record = saved.get("preprocessing")
     # The frozen backbone is rebuilt, not loaded: a random-init one is the run's only with its seed.
-    L.seed_everything(cfg.get("seed", 0), verbose=False)
+    L.seed_everything(cfg.seed, verbose=False)
     if isinstance(record, dict):
         # The weights carry their preprocessing: the model is built from it, no data folder read.
         preprocessing = Preprocessing.from_dict(record, str(weights_path))

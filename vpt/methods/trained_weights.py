@@ -64,11 +64,11 @@ def frozen_fingerprint(model: nn.Module) -> str:
 def base_encoder_identity(model_cfg: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """What the trained tensors were trained on: family, name, pretrained tag or checkpoint file
     name, and :func:`frozen_fingerprint` of the built model (stored as ``base_encoder``)."""
-    checkpoint = model_cfg.get("checkpoint")
+    checkpoint = model_cfg.checkpoint
     return {
-        "family": str(model_cfg.get("family", "timm")),
-        "name": str(model_cfg.get("name")),
-        "pretrained": bool(model_cfg.get("pretrained", False)) and not checkpoint,
+        "family": str(model_cfg.family),
+        "name": str(model_cfg.name),
+        "pretrained": bool(model_cfg.pretrained) and not checkpoint,
         "checkpoint": Path(str(checkpoint)).name if checkpoint else None,
         "fingerprint": frozen_fingerprint(model),
     }

@@ -35,7 +35,7 @@ __all__ = [
 
 
 def _model_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}  # type: ignore[return-value]
+    return OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.kwargs else {}  # type: ignore[return-value]
 
 
 def _method(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
@@ -64,7 +64,7 @@ def build_vit(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 def build_classifier_encoder(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The config's encoder for classification (its family builds it) and its data settings."""
-    family = family_named(cfg.model.get("family"))
+    family = family_named(cfg.model.family)
     family.require("classification", cfg.model.name)
     return family.build_classifier_encoder(cfg)
 
@@ -78,14 +78,14 @@ def build_classifier(cfg: DictConfig, vit: nn.Module, num_classes: int) -> nn.Mo
 
 def build_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """The automatic segmentation network of the config's model family (the family builds it)."""
-    family = family_named(cfg.model.get("family"))
+    family = family_named(cfg.model.family)
     family.require("segmentation", cfg.model.name)
     return family.build_segmenter(cfg, num_classes)
 
 
 def build_interactive(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The box / point prompted segmentation network of the config's model family."""
-    family = family_named(cfg.model.get("family"))
+    family = family_named(cfg.model.family)
     family.require("interactive_segmentation", cfg.model.name)
     return family.build_interactive(cfg)
 
@@ -125,7 +125,7 @@ def build_sam_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, d
     """SAM encoder (method applied) -> multi-class mask decoder, and the data settings."""
     sam, encoder, data = build_prompted_sam(cfg)
     decoder = SamMulticlassDecoder(sam.mask_decoder, sam.prompt_encoder, num_classes)
-    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+    decoder.requires_grad_(bool(cfg.task.train_decoder))
     return SamSegmenter(encoder, decoder), data
 
 
@@ -152,17 +152,17 @@ def build_vit_segmenter(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, d
     name, options = _method(cfg)
     encoder = apply_method(vit, name, **options)
     encoder.reset_classifier(0)
-    width = int(cfg.task.get("decoder_dim", 128))
+    width = int(cfg.task.decoder_dim)
     decoder: nn.Module
     if kind == "light":
         decoder = PatchTokenDecoder(levels[-1].width, num_classes, hidden_dim=width)
     else:
-        blocks = evenly_spaced_blocks(len(levels), int(cfg.task.get("decoder_levels", 4)))
+        blocks = evenly_spaced_blocks(len(levels), int(cfg.task.decoder_levels))
         decoder = MultiLevelDecoder(
             [levels[block].width for block in blocks], num_classes, blocks, hidden_dim=width, in_chans=vit.patch_embed.proj.in_channels,
-            image_stem=bool(cfg.task.get("image_stem", True)),
+            image_stem=bool(cfg.task.image_stem),
         )
-    features = str(cfg.task.get("encoder_features", "real"))
+    features = str(cfg.task.encoder_features)
     if features not in ("real", "zeros"):
         raise ConfigError(f"task.encoder_features={features} is not valid; use real, or zeros (a decoder-alone control).")
     return VitSegmenter(encoder, decoder, zero_features=features == "zeros"), data
@@ -172,6 +172,6 @@ def build_interactive_sam(cfg: DictConfig) -> tuple[InteractiveSamSegmenter, dic
     """The adapted SAM encoder and single-mask decoder, and the data settings SAM expects."""
     sam, encoder, data = build_prompted_sam(cfg)
     decoder = SamSingleMaskDecoder(sam.prompt_encoder, sam.mask_decoder)
-    decoder.requires_grad_(bool(cfg.task.get("train_decoder", True)))
+    decoder.requires_grad_(bool(cfg.task.train_decoder))
     decoder.sam_prompt_encoder.requires_grad_(False)  # SAM's prompt encoder never trains here
     return InteractiveSamSegmenter(encoder, decoder), data

@@ -181,7 +181,7 @@ def _classification_parts(cfg: DictConfig, model: Any, data: dict[str, Any], cla
         class_names=class_names,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        label_smoothing=cfg.task.get("label_smoothing", 0.0),
+        label_smoothing=float(cfg.task.label_smoothing),
         backbone_id=_backbone_id(model_cfg),
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -377,9 +377,9 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
     from vpt.models import build_interactive
 
     task_cfg = cfg.task
-    family = family_named(cfg.model.get("family")).name
+    family = family_named(cfg.model.family).name
     family_named(family).require("interactive_segmentation", cfg.model.name)
-    prompt = str(task_cfg.get("prompt", "box"))
+    prompt = str(task_cfg.prompt)
     if prompt not in PROMPT_KINDS:
         raise ConfigError(f"task.prompt must be one of {PROMPT_KINDS}, got {prompt!r}.")
     class_names = plan_segmentation_data(task_cfg)
@@ -391,20 +391,20 @@ def build_interactive_segmentation(cfg: DictConfig) -> TaskParts:
             "Interactive segmentation prompts whole slices; remove task.data.spacing and task.data.patch_size "
             "(tiles are for task=organ_seg / volume_seg)."
         )
-    cap = task_cfg.get("max_prompts_per_slice", 4)
+    cap = task_cfg.max_prompts_per_slice
     module = InteractiveSegmentationTask(
         model,
         class_names=class_names,
         prompt=prompt,
-        box_jitter=float(task_cfg.get("box_jitter", 0.1)),
+        box_jitter=float(task_cfg.box_jitter),
         max_prompts_per_slice=int(cap) if cap is not None else None,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         ce_weight=float(task_cfg.loss.ce_weight),
         dice_weight=float(task_cfg.loss.dice_weight),
-        eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
-        nsd_tolerance=float(task_cfg.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
-        seed=int(cfg.get("seed", 0)),
+        eval_batch_size=int(task_cfg.eval_batch_size),
+        nsd_tolerance=float(task_cfg.nsd_tolerance),
+        seed=int(cfg.seed),
         backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )

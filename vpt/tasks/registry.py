@@ -77,7 +77,11 @@ def available_tasks() -> list[str]:
 
 
 def build_task(cfg: DictConfig) -> TaskParts:
-    """Build the parts of the task named by ``cfg.task.name``."""
+    """Build the parts of the task named by ``cfg.task.name`` (the config typed first, see
+    :mod:`vpt.config_schema`)."""
+    from vpt.config_schema import typed_run_config
+
+    cfg = typed_run_config(cfg)
     name = cfg.task.name
     if name not in _TASKS:
         raise ConfigError(f"Unknown task kind {name!r}; choose one of {available_tasks()}.")

@@ -279,7 +279,7 @@ def plan_segmentation_data(task_cfg: DictConfig, required_splits: Optional[Seque
     from vpt.data.registry import build_datamodule
 
     check_data_folder(task_cfg)
-    names = task_cfg.get("class_names")
+    names = task_cfg.class_names
     data_cfg = OmegaConf.to_container(task_cfg.data, resolve=True)
     probe = build_datamodule(data_cfg, num_classes=len(names) if names else None)  # type: ignore[arg-type]
     if hasattr(probe, "check_split_sizes"):
@@ -317,7 +317,7 @@ def build_segmentation_for_prediction(cfg: DictConfig, preprocessing: Any) -> Ta
 def _segmentation_parts(cfg: DictConfig, model: Any, data: dict[str, Any], class_names: list[str], datamodule: Any, geometry: Any) -> TaskParts:
     task_cfg = cfg.task
     num_classes = len(class_names)
-    family = cfg.model.get("family", "timm")
+    family = cfg.model.family
     module = SegmentationTask(
         model,
         num_classes=num_classes,
@@ -326,8 +326,8 @@ def _segmentation_parts(cfg: DictConfig, model: Any, data: dict[str, Any], class
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         ce_weight=float(task_cfg.loss.ce_weight),
         dice_weight=float(task_cfg.loss.dice_weight),
-        eval_batch_size=int(task_cfg.get("eval_batch_size", 16)),
-        nsd_tolerance=float(task_cfg.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
+        eval_batch_size=int(task_cfg.eval_batch_size),
+        nsd_tolerance=float(task_cfg.nsd_tolerance),
         geometry=geometry,
         backbone_id=f"{cfg.model.name}@{cfg.model.img_size or 'default'}",
         hparams=OmegaConf.to_container(cfg, resolve=True),
