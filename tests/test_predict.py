@@ -381,6 +381,7 @@ def test_the_saved_preprocessing_is_what_the_data_module_applies(runs) -> None:
     saved = Preprocessing.from_dict(json.loads((runs["seg"] / PREPROCESSING_FILE).read_text()))
     assert saved.intensity == "raw" and saved.window == (-125.0, 275.0) and saved.context_slices == 1 and saved.sliced
     assert saved.class_names[0] == "background" and len(saved.class_names) == 9
+    assert saved.orientation == "stored" and not saved.binary_255_as_1  # 9 classes: 255 is no class
 
     datamodule = build_task(OmegaConf.load(runs["seg"] / "config.yaml")).datamodule
     datamodule.setup("test")
@@ -412,6 +413,10 @@ def test_the_record_says_when_a_layout_was_already_in_unit_range(tmp_path) -> No
         Preprocessing.from_dict({**record.to_dict(), "image_size": 224}, "bad.safetensors")
     with pytest.raises(CheckpointError, match="version"):
         Preprocessing.from_dict({**record.to_dict(), "version": 99}, "new.safetensors")
+    with pytest.raises(CheckpointError, match="oriented 'RAS'"):
+        Preprocessing.from_dict({**record.to_dict(), "orientation": "RAS"}, "other.safetensors")
+    binary = Preprocessing.from_datamodule("segmentation", module, {**metadata, "class_names": ["background", "lesion"]})
+    assert binary.binary_255_as_1 and Preprocessing.from_dict(binary.to_dict()) == binary
 
 
 def test_predict_after_the_training_data_is_gone_equals_predict_before(runs, phantom, tmp_path) -> None:

@@ -58,6 +58,11 @@ class Preprocessing:
         tile_overlap: Overlap of neighbouring tiles when whole slices are predicted.
         sliced: Whether the run's data module cut volumes into slices with a geometry (the
             four fields above); ``False``: one slice, whole, as a 2D data module gives it.
+        orientation: How volumes become arrays: ``"stored"``, the file's own voxel order as
+            ``(z, y, x)`` (the one reader, :func:`vpt.data.medical.io.read_image`), never
+            reoriented to RAS or LPS; predictions are written back on the input's own grid.
+        binary_255_as_1: Segmentation with two classes: label files storing 0/255 were read
+            as 0/1 (class index = label value otherwise).
     """
 
     task: str
@@ -73,6 +78,8 @@ class Preprocessing:
     patch_size: Optional[tuple[int, int]] = None
     tile_overlap: float = 0.5
     sliced: bool = False
+    orientation: str = "stored"
+    binary_255_as_1: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -140,6 +147,7 @@ class Preprocessing:
             patch_size=_pair(geometry.patch_size, int) if geometry is not None else None,
             tile_overlap=float(geometry.tile_overlap) if geometry is not None else 0.5,
             sliced=geometry is not None,
+            binary_255_as_1=len(common["class_names"]) == 2,  # type: ignore[arg-type]
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,9 +190,13 @@ class Preprocessing:
                 patch_size=_pair(values.get("patch_size"), int),
                 tile_overlap=float(values.get("tile_overlap", 0.5)),
                 sliced=bool(values.get("sliced", False)),
+                orientation=str(values.get("orientation", "stored")),
+                binary_255_as_1=bool(values.get("binary_255_as_1", False)),
             )
         except (TypeError, ValueError, IndexError) as error:
             raise CheckpointError(f"{source} holds a preprocessing record that is not valid ({error}); predict with run_dir=<its run folder> instead.") from None
+        if record.orientation != "stored":
+            raise CheckpointError(f"{source} holds volumes oriented {record.orientation!r}, which this vpt does not read that way; update vpt to predict with it.")
         if len(record.mean) != 3 or len(record.std) != 3 or record.intensity not in ("raw", "unit") or not record.class_names:
             raise CheckpointError(f"{source} holds a preprocessing record that is not valid (mean/std of 3, intensity raw or unit, class names); predict with run_dir=<its run folder> instead.")
         return record
