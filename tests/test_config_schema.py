@@ -79,3 +79,15 @@ def test_a_task_of_ones_own_without_a_schema_is_left_as_it_is() -> None:
     cfg = OmegaConf.create({"model": {"name": "vit_micro"}, "task": {"name": "counting", "anything": 3}})
     typed = typed_run_config(cfg)
     assert typed.task.anything == 3 and typed.model.family == "timm"
+
+
+def test_evaluate_and_predict_overrides_are_typed_too(tmp_path: Path) -> None:
+    """Overrides given to a read-back run config go through the schema: one sentence, nested keys named."""
+    from vpt.config_schema import with_overrides
+
+    cfg = typed_run_config(compose_config(["experiment=quickstart"]))
+    with pytest.raises(ConfigError, match=r"task\.loss\.focal in the overrides is not a setting of task\.loss; use one of ce_weight, dice_weight"):
+        with_overrides(cfg, ["task.loss.focal=1"], "the overrides")
+    with pytest.raises(ConfigError, match=r"task\.eval_batch_size .* wrong type"):
+        with_overrides(cfg, ["task.eval_batch_size=abc"], "the overrides")
+    assert with_overrides(cfg, ["task.data.root=/elsewhere"], "the overrides").task.data.root == "/elsewhere"

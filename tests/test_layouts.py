@@ -232,3 +232,25 @@ def test_the_registry_names_each_layout_once_and_a_new_one_is_used_by_both(tmp_p
     assert [problem.kind for problem in check_dataset(tmp_path)] == ["missing_label"]
     with pytest.raises(DataError, match="z_image.npy has no z_label.npy"):
         find_cases(tmp_path)
+
+
+def test_a_folder_of_official_test_cases_alone_still_loads_for_evaluation(tmp_path: Path) -> None:
+    """imagesTr/ empty, imagesTs/ + labelsTs/ labelled: the checker says there is nothing to
+    train on, the loaders still list the test cases (vpt-evaluate split=test scores them)."""
+    write_dataset_json(tmp_path, num_training=0)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    write_itk(tmp_path / "imagesTs" / "a_0000.nii.gz", np.zeros(organ_label().shape, dtype=np.float32))
+    write_itk(tmp_path / "labelsTs" / "a.nii.gz", organ_label())
+    assert [problem.kind for problem in check_dataset(tmp_path)] == ["no_cases"]
+    index = find_cases(tmp_path)
+    assert not index.cases and [case.case_id for case in index.test] == ["a"]
+
+
+def test_a_layout_cannot_take_a_case_kind_another_loads() -> None:
+    class Copycat(DatasetLayout):
+        name, kinds = "copycat", ("volume",)
+
+    with pytest.raises(ValueError, match="already loaded by layout 'nnunet'"):
+        register_layout(Copycat())
+    assert "copycat" not in LAYOUT_REGISTRY

@@ -737,7 +737,7 @@ def test_one_reader_refuses_the_same_files_in_training_check_data_and_predict(ru
     """A NIfTI volume with a NaN voxel (ITK alone reads it as 0) and one with a sheared affine
     (ITK cannot place it): the training reader, vpt-check-data and vpt-predict refuse both,
     with the same reason."""
-    from vpt.data.medical import read_volume_with_geometry
+    from vpt.data.medical import read_volume_geometry, read_volume_with_geometry
     from vpt.data.medical.integrity import check_dataset
 
     with_nan = phantom.copy()
@@ -751,13 +751,30 @@ def test_one_reader_refuses_the_same_files_in_training_check_data_and_predict(ru
     np.testing.assert_array_equal(np.nan_to_num(array), np.nan_to_num(with_nan))
     with pytest.raises(DataError, match=r"scan.* 1 non-finite"):
         predict(nan_file, tmp_path / "out_nan", run_dir=runs["seg"], device="cpu", progress=False)
+    # In a folder, the damaged scan stops the command before the good one's mask is written.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _itk_volume(phantom, folder / "a_good.nii.gz")
+    (folder / "b_nan.nii.gz").write_bytes(nan_file.read_bytes())
+    with pytest.raises(DataError, match=r"Case b_nan: image .*b_nan\.nii\.gz holds 1 non-finite voxel"):
+        predict(folder, tmp_path / "out_folder", run_dir=runs["seg"], device="cpu", progress=False)
+    assert not (tmp_path / "out_folder").exists() or not any((tmp_path / "out_folder").iterdir())
 
     sheared_file = tmp_path / "sheared" / "scan.nii.gz"
     sheared_file.parent.mkdir()
     affine = np.array([[1.0, 0.3, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(np.ascontiguousarray(phantom.transpose(2, 1, 0)), affine), str(sheared_file))
-    with pytest.raises(DataError, match="sheared") as refused:
+    with pytest.raises(DataError, match="sheared"):
         read_volume_with_geometry(sheared_file)
+    # With a qform beside the sheared sform, ITK alone places the voxels by the qform, silently.
+    with_qform = tmp_path / "sheared" / "with_qform.nii.gz"
+    image = nib.Nifti1Image(np.ascontiguousarray(phantom.transpose(2, 1, 0)), affine)
+    image.set_qform(affine, code=1)
+    nib.save(image, str(with_qform))
+    assert sitk.ReadImage(str(with_qform)).GetSize() == phantom.shape[::-1]  # what ITK alone does
+    for reader in (read_volume_with_geometry, read_volume_geometry):
+        with pytest.raises(DataError, match="sheared"):
+            reader(with_qform)
     with pytest.raises(DataError, match="sheared"):
         predict(sheared_file, tmp_path / "out_sheared", run_dir=runs["seg"], device="cpu", progress=False)
     assert not (tmp_path / "out_nan").exists() or not any((tmp_path / "out_nan").iterdir())

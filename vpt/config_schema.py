@@ -38,6 +38,7 @@ __all__ = [
     "InteractiveSegmentationTaskConfig",
     "TASK_SCHEMAS",
     "typed_run_config",
+    "with_overrides",
 ]
 
 
@@ -127,13 +128,38 @@ def _typed(section: Any, schema: type, where: str, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), section)  # type: ignore[return-value]
     except ConfigKeyError as error:
-        key = getattr(error, "key", None) or str(error).split("'")[1]
-        known = ", ".join(item.name for item in fields(schema))
-        raise ConfigError(f"{where}.{key} in {source} is not a setting of {where}; use one of {known}.") from None
+        key = str(getattr(error, "full_key", None) or getattr(error, "key", None) or str(error).split("'")[1])
+        parent = _schema_at(schema, key.split(".")[:-1])
+        known = ", ".join(item.name for item in fields(parent)) if parent is not None else "the keys of configs/"
+        inner = ".".join([where, *key.split(".")[:-1]])
+        raise ConfigError(f"{where}.{key} in {source} is not a setting of {inner}; use one of {known}.") from None
     except ValidationError as error:
         key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
         reason = str(error.msg).strip().splitlines()[0]
         raise ConfigError(f"{where}.{key} in {source} has a value of the wrong type ({reason}); fix it.") from None
+
+
+def _schema_at(schema: type, path: list[str]) -> type | None:
+    """The dataclass at ``path`` inside ``schema`` (``["loss"]`` -> :class:`LossConfig`)."""
+    for name in path:
+        found = next((item for item in fields(schema) if item.name == name), None)
+        default = found.default_factory() if found is not None and callable(found.default_factory) else None  # type: ignore[misc]
+        if default is None or not hasattr(default, "__dataclass_fields__"):
+            return None
+        schema = type(default)
+    return schema
+
+
+def with_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...], source: str) -> DictConfig:
+    """``key=value`` overrides applied to a read-back run config, then typed again, so a key
+    that is not a setting or a wrong type is one sentence here too (not OmegaConf's error)."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    try:
+        merged = OmegaConf.merge(plain, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as error:  # a malformed dotlist entry
+        raise ConfigError(f"Cannot apply the overrides {list(overrides)} to {source} ({error}); write them as key=value.") from None
+    assert isinstance(merged, DictConfig)
+    return typed_run_config(merged, source)
 
 
 def typed_run_config(cfg: DictConfig, source: str = "the run config") -> DictConfig:

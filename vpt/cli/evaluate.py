@@ -149,6 +149,7 @@ def evaluate(
     # torch, Lightning and the backbones load only for an evaluation that will run.
     import lightning as L
 
+    from vpt.config_schema import with_overrides
     from vpt.inference.loading import config_and_weights as _config_and_weights
     from vpt.methods import load_trained_weights
     from vpt.methods.trained_weights import base_encoder_identity, check_base_encoder, read_trained_metadata
@@ -170,7 +171,7 @@ def evaluate(
         cfg = _config_and_weights(run_dir, None)[0] if run_dir else _config_of_checkpoint(saved, checkpoint_file)
         weights_path = checkpoint_file
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = with_overrides(cfg, overrides, "the overrides")
     volume_task = cfg.task.name in ("segmentation", "interactive_segmentation")
     if split == "all":
         if not volume_task:
@@ -190,6 +191,8 @@ def evaluate(
     with rebuilding_a_run():  # the run's training said what its data and backbone are
         parts = build_task(cfg)
     if saved is not None:
+        # A checkpoint names the base weights it was trained on (vpt-train stores their fingerprint).
+        check_base_encoder(saved.get("vpt_base_encoder"), base_encoder_identity(cfg.model, parts.model), weights_path)
         load_checkpoint_weights(parts.module, saved, weights_path)
     else:
         # The trained tensors only mean something on the base encoder they were trained on.

@@ -61,8 +61,8 @@ class Preprocessing:
         orientation: How volumes become arrays: ``"stored"``, the file's own voxel order as
             ``(z, y, x)`` (the one reader, :func:`vpt.data.medical.io.read_image`), never
             reoriented to RAS or LPS; predictions are written back on the input's own grid.
-        binary_255_as_1: Segmentation with two classes: label files storing 0/255 were read
-            as 0/1 (class index = label value otherwise).
+        binary_255_as_1: Segmentation with two classes, whose data module reads label files
+            storing only 0/255 as 0/1 (class index = label value otherwise).
     """
 
     task: str

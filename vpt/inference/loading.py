@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vpt.assets import register_resolvers
+from vpt.config_schema import with_overrides
 from vpt.config_version import migrate_run_config
 from vpt.errors import CheckpointError, ConfigError, DataError
 from vpt.messages import rebuilding_a_run
@@ -194,7 +195,7 @@ def run_config(
     register_resolvers()  # overrides may name packaged assets (${vpt_asset:...})
     cfg, weights_path = config_and_weights(run_dir, weights, purpose="predict with")
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = with_overrides(cfg, overrides, "the overrides")
     task = str(cfg.task.name)
     source = run_dir or weights_path
     if task == "interactive_segmentation":

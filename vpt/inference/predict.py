@@ -338,7 +338,7 @@ def predict(
         for item in plans:
             if item.kind == "volume":
                 # A damaged scan anywhere in the input stops the command before any mask is written.
-                check_volume_complete(item.path)
+                check_volume_complete(item.path, case_id=item.name)
         run = rebuild_run(cfg, weights_path, device)
         size = batch_size or int(getattr(run.parts.module, "eval_batch_size", 16))
         written = _segment(run, plans, size, save_probabilities, progress)

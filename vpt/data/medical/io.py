@@ -114,8 +114,9 @@ def check_finite(image: np.ndarray, path: str | Path, case_id: str) -> None:
     )
 
 
-def check_volume_complete(path: str | Path) -> None:
-    """Refuse a NIfTI file whose voxel data ends early.
+def check_volume_complete(path: str | Path, case_id: str | None = None) -> None:
+    """Refuse a NIfTI file whose voxel data ends early or whose affine is sheared (and, given
+    ``case_id``, one holding NaN or infinite voxels, named as training names them).
 
     ITK fills the missing part of a truncated NIfTI file (``.nii`` or ``.nii.gz``) with
     zeros and reports nothing, so a half-copied scan would be segmented as a half-empty
@@ -124,11 +125,12 @@ def check_volume_complete(path: str | Path) -> None:
     readers (ITK raises for short NRRD and MetaImage data).
 
     Raises:
-        DataError: The file is shorter than its header says, or its gzip stream is broken.
+        DataError: The file is shorter than its header says, its gzip stream is broken, its
+            affine is sheared, or (with ``case_id``) a voxel is NaN or infinite.
     """
     path = Path(path)
-    if volume_suffix(path) in _NIFTI_SUFFIXES:
-        _scan_nifti(path)
+    if volume_suffix(path) in _NIFTI_SUFFIXES and _scan_nifti(path) and case_id is not None:
+        check_finite(_nifti_voxels(path), path, case_id)  # says how many and where
 
 
 def _scan_nifti(path: Path) -> bool:
@@ -143,7 +145,8 @@ def _scan_nifti(path: Path) -> bool:
         Whether some voxel is NaN or infinite (always ``False`` for integer types).
 
     Raises:
-        DataError: The file is shorter than its header says, or its gzip stream is broken.
+        DataError: The file is shorter than its header says, its gzip stream is broken, or
+            its sform is sheared (ITK would quietly place it by its qform instead).
     """
     import gzip
     import zlib
@@ -152,6 +155,7 @@ def _scan_nifti(path: Path) -> bool:
         import nibabel as nib
 
         image = nib.load(str(path))
+        _refuse_sheared_sform(image.header, path)
         dtype = np.dtype(image.get_data_dtype())
         offset = int(image.dataobj.offset)
         needed = offset + int(np.prod(image.shape)) * dtype.itemsize
@@ -178,6 +182,8 @@ def _scan_nifti(path: Path) -> bool:
         raise DataError(
             f"Volume {path} is truncated or corrupt ({error}); replace it with an intact copy."
         ) from None
+    except DataError:
+        raise
     except Exception as error:  # nibabel raises many types for broken headers
         raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from None
     if present < needed:
@@ -328,15 +334,21 @@ def read_image(source: str | Path | Sequence[str | Path]) -> Any:
     return image
 
 
-def _with_stored_voxels(image: Any, path: Path) -> Any:
-    """``image`` with its voxels as nibabel decodes them from the NIfTI file ``path``."""
+def _nifti_voxels(path: Path) -> np.ndarray:
+    """The float32 voxels of a NIfTI file as nibabel decodes them (NaN kept), ``(z, y, x)``."""
     import nibabel as nib
-    import SimpleITK as sitk
 
     array = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    stored = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))  # (x, y, z) -> (z, y, x)
+    return np.ascontiguousarray(np.moveaxis(array, (0, 1, 2), (2, 1, 0)))  # (x, y, z) -> (z, y, x)
+
+
+def _with_stored_voxels(image: Any, path: Path) -> Any:
+    """``image`` with its voxels as nibabel decodes them from the NIfTI file ``path``."""
+    import SimpleITK as sitk
+
+    stored = sitk.GetImageFromArray(_nifti_voxels(path))
     stored.CopyInformation(image)
     return stored
 
@@ -390,6 +402,14 @@ def read_volume_geometry(path: str | Path) -> VolumeGeometry:
     import SimpleITK as sitk
 
     path = _existing_volume(path)
+    if volume_suffix(path) in _NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        try:
+            header = nib.load(str(path)).header
+        except Exception as error:  # nibabel raises many types for broken headers
+            raise DataError(f"Cannot read volume {path} ({error}); replace the file with an intact copy.") from None
+        _refuse_sheared_sform(header, path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -428,12 +448,27 @@ def _read_error(path: Path, error: BaseException) -> DataError:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     reason = (lines[-1] if lines else type(error).__name__)[:200]
     if "orthonormal" in reason:
-        return DataError(
-            f"Volume {path} has a sheared (non-orthonormal) affine, which ITK and so vpt cannot place; resample it "
-            "onto an orthonormal grid (e.g. nibabel.processing.resample_from_to, or 3D Slicer's Harden transform) "
-            "and write it again."
-        )
+        return _sheared(path)
     return DataError(f"Cannot read volume {path} ({reason}); replace the file with an intact copy.")
+
+
+def _refuse_sheared_sform(header: Any, path: Path) -> None:
+    """Refuse a NIfTI header whose sform is sheared: ITK would place the voxels by the qform
+    instead, without a word, and predictions would not lie where the scan does."""
+    if int(header["sform_code"]) > 0:
+        linear = np.asarray(header.get_sform(), dtype=np.float64)[:3, :3]
+        lengths = np.linalg.norm(linear, axis=0)
+        unit = linear / np.where(lengths > 0, lengths, 1.0)
+        if not np.allclose(unit.T @ unit, np.eye(3), atol=1e-4):
+            raise _sheared(path)
+
+
+def _sheared(path: Path) -> DataError:
+    return DataError(
+        f"Volume {path} has a sheared (non-orthonormal) affine, which ITK and so vpt cannot place; resample it "
+        "onto an orthonormal grid (e.g. nibabel.processing.resample_from_to, or 3D Slicer's Harden transform) "
+        "and write it again."
+    )
 
 
 def _existing_volume(path: str | Path) -> Path:

@@ -79,11 +79,18 @@ LAYOUT_REGISTRY: dict[str, DatasetLayout] = {}
 def register_layout(layout: DatasetLayout) -> DatasetLayout:
     """Add a layout (an instance of a :class:`DatasetLayout` subclass) under its ``name``.
 
+    Register it at import time of a module the data module's worker processes import too
+    (spawned workers do not see a layout registered later).
+
     Raises:
         ValueError: Another layout has that name, or a case kind is already another's.
     """
     if not layout.name or layout.name in LAYOUT_REGISTRY or layout.name == "auto":
         raise ValueError(f"A layout needs a new name, not {layout.name!r} ({', '.join(LAYOUT_REGISTRY)} are taken).")
+    taken = {kind: other.name for other in LAYOUT_REGISTRY.values() for kind in other.kinds}
+    shared = [kind for kind in layout.kinds if kind in taken]
+    if shared:
+        raise ValueError(f"Case kind(s) {shared} are already loaded by layout {taken[shared[0]]!r}; give {layout.name!r} its own kind.")
     LAYOUT_REGISTRY[layout.name] = layout
     return layout
 
@@ -111,7 +118,7 @@ def get_layout(name: str) -> DatasetLayout:
         return LAYOUT_REGISTRY[name]
     except KeyError:
         raise DataError(
-            f"Layout {name!r} is not known; set task.data.layout to auto or one of {', '.join(LAYOUT_REGISTRY)}."
+            f"Layout {name!r} is not known; use auto or one of {', '.join(LAYOUT_REGISTRY)}."
         ) from None
 
 

@@ -170,7 +170,7 @@ class DatasetLayout:
 
     Attributes:
         name: The ``task.data.layout`` value.
-        kinds: The :attr:`Case.kind` values its cases have.
+        kinds: The :attr:`Case.kind` values it loads; each kind belongs to one layout.
         intensity: ``"raw"`` for scanner units to be windowed, ``"unit"`` for [0, 1].
         refused_at_load: Problem kinds a scan reports that stop a run at its start, as do
             error-level problems of a training case the scan could not make a record of; the
@@ -230,10 +230,13 @@ class DatasetLayout:
         # A training case the scan could not make a record of (no channel 0, say) stops the run
         # too, with the scan's words; a label without an image is only a stray file here.
         unusable = {item.case_id for item in scanned if item.case is None and item.role == "cases"}
+        # A folder of official test cases alone can still be evaluated (vpt-evaluate split=test).
+        has_test = any(item.role == "test" and item.case is not None for item in scanned)
         refused = [
             problem for problem in findings.problems
             if problem.level == "error"
             and (problem.kind in self.refused_at_load or (problem.case in unusable and problem.kind != "extra_label"))
+            and not (problem.kind == "no_cases" and has_test)
         ]
         if refused:
             message = refused[0].message

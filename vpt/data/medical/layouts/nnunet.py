@@ -168,6 +168,7 @@ class PhantomLayout(NnUNetLayout):
     a marker file, written by the data module when asked for and read as nnU-Net data."""
 
     name = "phantoms"
+    kinds = ()  # its cases are nnU-Net volumes, loaded by the nnunet layout
 
     def detect(self, root: Path) -> bool:
         from vpt.data.medical.phantom import PHANTOM_MARKER
@@ -327,10 +328,13 @@ def check_case_files(root: Path, findings: Findings, split: _Split, case_id: str
     if not case.labels and (split.training or split.labels_expected):
         kind = "missing_label" if split.training else "unlabelled_test_case"
         consequence = "" if split.training else ", so it is not tested"
+        stem = first_image.name[: -len(suffix)] if suffix else first_image.stem
+        # <case>_0003 may be channel 3 of <case> or an MSD case named so: name both labels.
+        alternative = f" (or {labels_name}/{stem}{suffix}, if {stem} is the case)" if stem != case_id else ""
         findings.add(
             kind,
-            f"Image {findings.relative(first_image)} has no label {labels_name}/{case_id}{suffix}{consequence}; add "
-            "the label or remove the image.",
+            f"Image {findings.relative(first_image)} has no label {labels_name}/{case_id}{suffix}{alternative}"
+            f"{consequence}; add the label or remove the image.",
             case_id,
             first_image,
         )
