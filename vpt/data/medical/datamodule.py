@@ -71,6 +71,7 @@ from vpt.data.medical.slice_sources import CachedSlice, MemorySlice, SliceSource
 from vpt.data.medical.slicing import SliceGeometry, context_stack
 from vpt.data.medical.transforms import build_segmentation_transforms, to_model_input
 from vpt.data.medical.windowing import ABDOMEN_WINDOW, UnitIntensity, label_dtype
+from vpt.data.preprocessing import Preprocessing
 from vpt.data.splits import group_split
 from vpt.data.loading import make_loader, resolve_num_workers, warn_batch_exceeds_training_set, warn_once
 from vpt.data.transforms import to_size
@@ -871,11 +872,17 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
             )
         return VolumeDataset(cases, self._intensity(), self.evaluation_inputs(), self.num_classes, cache=self.volume_cache())
 
+    def preprocessing_record(self) -> Preprocessing:
+        """This data set's preprocessing resolved to numbers (intensity rule with its modality,
+        context, pixel size, tiles, input size, mean/std, class names): the record a run saves
+        with its weights, from which ``vpt-predict`` rebuilds everything."""
+        metadata = {"input_size": self.image_size, "mean": self.mean, "std": self.std, "class_names": self.class_names}
+        return Preprocessing.from_datamodule("segmentation", self, metadata)
+
     def evaluation_inputs(self) -> SegmentationPreprocessing:
-        """How test and validation volumes become network inputs; ``vpt-predict`` rebuilds the
-        same object from the run's saved :class:`vpt.data.preprocessing.Preprocessing`."""
-        window = self._intensity().window
-        return SegmentationPreprocessing(self.image_size, self.mean, self.std, window, self.geometry)
+        """How test and validation volumes become network inputs: built from
+        :meth:`preprocessing_record`, as ``vpt-predict`` builds it from the saved copy."""
+        return SegmentationPreprocessing.from_preprocessing(self.preprocessing_record())
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training slices; drops a last partial batch if more than one batch exists."""
