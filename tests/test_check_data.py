@@ -216,15 +216,24 @@ def test_channels_files_and_labels(tmp_path: Path) -> None:
 
 
 def test_multichannel_volume_is_not_3d(tmp_path: Path) -> None:
-    """An MSD image with its modalities on a 4th axis must be split first; no size mismatch on top."""
+    """An nnU-Net v2 channel file must hold one 3D channel: a 4D <case>_0000 is refused (no size
+    mismatch on top); an MSD-named image may hold its modalities on a 4th axis (as the Decathlon
+    ships BrainTumour and Prostate), of which channel 0 is read and checked."""
     write_clean(tmp_path)
-    write_dataset_json(tmp_path, num_training=3)
-    write_itk(tmp_path / "labelsTr" / "brats.nii.gz", organ_label())
+    write_dataset_json(tmp_path, num_training=4)
     four_d = np.zeros((*SHAPE[::-1], 2), dtype=np.float32)  # nibabel's (x, y, z, channel)
-    nib.save(nib.Nifti1Image(four_d, np.diag([*SPACING[::-1], 1.0])), str(tmp_path / "imagesTr" / "brats.nii.gz"))
+    write_itk(tmp_path / "labelsTr" / "brats.nii.gz", organ_label())
+    nib.save(nib.Nifti1Image(four_d, np.diag([*SPACING[::-1], 1.0])), str(tmp_path / "imagesTr" / "brats_0000.nii.gz"))
+    # The label as the Decathlon stores it beside its image: the same affine.
+    nib.save(nib.Nifti1Image(organ_label().transpose(2, 1, 0), np.diag([*SPACING[::-1], 1.0])), str(tmp_path / "labelsTr" / "prostate.nii.gz"))
+    four_d[1, 1, 1, 1] = np.nan  # in channel 1, which nothing reads
+    nib.save(nib.Nifti1Image(four_d, np.diag([*SPACING[::-1], 1.0])), str(tmp_path / "imagesTr" / "prostate.nii.gz"))
     problems = check_dataset(tmp_path)
     assert reported(problems) == {("brats", "not_3d", "error")}
     assert "(3, 4, 5, 2)" in problems[0].message
+    four_d[1, 2, 0, 0] = np.nan  # in channel 0, which training reads
+    nib.save(nib.Nifti1Image(four_d, np.diag([*SPACING[::-1], 1.0])), str(tmp_path / "imagesTr" / "prostate.nii.gz"))
+    assert ("prostate", "non_finite_image", "error") in reported(check_dataset(tmp_path))
 
 
 def test_dataset_json_problems(tmp_path: Path) -> None:

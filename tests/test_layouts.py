@@ -254,3 +254,31 @@ def test_a_layout_cannot_take_a_case_kind_another_loads() -> None:
     with pytest.raises(ValueError, match="already loaded by layout 'nnunet'"):
         register_layout(Copycat())
     assert "copycat" not in LAYOUT_REGISTRY
+
+
+def test_an_msd_folder_with_4d_multimodal_images_trains_on_channel_0(tmp_path: Path) -> None:
+    """The Decathlon ships BrainTumour and Prostate with their modalities on a 4th axis; the
+    loaders read channel 0 (what nnU-Net's conversion names _0000), the checker checks that."""
+    import nibabel as nib
+
+    from vpt.data.medical import load_case
+
+    write_dataset_json(tmp_path, num_training=2, modality={"0": "T2", "1": "ADC"})
+    rng = np.random.default_rng(0)
+    volumes = {}
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("prostate_00", "prostate_01"):
+        volume = rng.random((5, 4, 3, 2), dtype=np.float32)  # (x, y, z, channel), as nibabel stores it
+        volumes[case] = volume
+        nib.save(nib.Nifti1Image(volume, np.diag([0.6, 0.8, 2.5, 1.0])), str(tmp_path / "imagesTr" / f"{case}.nii.gz"))
+        label = organ_label().transpose(2, 1, 0)
+        nib.save(nib.Nifti1Image(label, np.diag([0.6, 0.8, 2.5, 1.0])), str(tmp_path / "labelsTr" / f"{case}.nii.gz"))
+    assert check_dataset(tmp_path) == []
+    index = find_cases(tmp_path)
+    assert [case.channel for case in index.cases] == [0, 0]
+    arrays = load_case(index.cases[0])
+    np.testing.assert_allclose(arrays.image, volumes["prostate_00"][..., 0].transpose(2, 1, 0))
+    assert arrays.image.shape == arrays.label.shape == organ_label().shape
+    module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0.5, test_fraction=0.0, cache=False)
+    assert len(module.dataset("train")) > 0

@@ -797,3 +797,18 @@ def test_one_reader_refuses_the_same_files_in_training_check_data_and_predict(ru
     assert not any(case == "good" for case, _ in problems)
     with pytest.raises(DataError, match=r"Case nan: image .*nan_0000\.nii\.gz holds 1 non-finite"):
         nnunet_module(root, val_fraction=0.0, test_fraction=0.0, cache=False).check_cases(splits=("train",))
+
+
+def test_a_4d_multichannel_scan_predicts_as_its_channel_0(runs, phantom, tmp_path) -> None:
+    """An MSD test image (modalities on a 4th axis) is predicted from channel 0, as training
+    reads such images; the mask is 3D on the scan's grid."""
+    four_d = np.stack([phantom, np.zeros_like(phantom)], axis=-1).transpose(2, 1, 0, 3)  # (x, y, z, channel)
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(four_d), affine), str(tmp_path / "in" / "multi.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(phantom.transpose(2, 1, 0)), affine), str(tmp_path / "in" / "single.nii.gz"))
+    predict(tmp_path / "in", tmp_path / "out", run_dir=runs["seg"], device="cpu", save_probabilities=True, progress=False)
+    multi = sitk.ReadImage(str(tmp_path / "out" / "multi.nii.gz"))
+    assert multi.GetDimension() == 3 and multi.GetSize() == phantom.shape[::-1]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(multi), _labels(tmp_path / "out" / "single.nii.gz"))
+    np.testing.assert_array_equal(_labels(tmp_path / "out" / "multi_probabilities.nii.gz"), _labels(tmp_path / "out" / "single_probabilities.nii.gz"))

@@ -46,6 +46,7 @@ from vpt.inference.loading import LoadedRun, rebuild_run, run_config
 from vpt.inference.outputs import check_outputs_free, write_new_files
 from vpt.inference.segmentation import SegmentationPreprocessing, SlicePredictor
 from vpt.inference.volumes import (
+    INPUT_CHANNEL,
     read_input_volume,
     volume_array,
     volume_output_files,
@@ -338,7 +339,7 @@ def predict(
         for item in plans:
             if item.kind == "volume":
                 # A damaged scan anywhere in the input stops the command before any mask is written.
-                check_volume_complete(item.path, case_id=item.name)
+                check_volume_complete(item.path, case_id=item.name, channel=INPUT_CHANNEL)
         run = rebuild_run(cfg, weights_path, device)
         size = batch_size or int(getattr(run.parts.module, "eval_batch_size", 16))
         written = _segment(run, plans, size, save_probabilities, progress)

@@ -22,14 +22,20 @@ from vpt.data.medical.io import image_array, read_image
 from vpt.inference.inputs import PredictionInput
 from vpt.inference.outputs import write_new_files
 
-__all__ = ["read_input_volume", "volume_array", "volume_output_files", "write_label_volume", "write_probability_volume"]
+__all__ = ["INPUT_CHANNEL", "read_input_volume", "volume_array", "volume_output_files", "write_label_volume", "write_probability_volume"]
 
 _logger = logging.getLogger(__name__)
 
 
+#: The channel of a multi-channel 4D scan (an MSD image) that is the model's input: channel
+#: 0, as training reads it (nnU-Net's ``_0000``, the MSD image's first modality).
+INPUT_CHANNEL = 0
+
+
 def read_input_volume(item: PredictionInput) -> Any:
     """Read a volume file or DICOM series with the one reader training uses
-    (:func:`vpt.data.medical.io.read_image`).
+    (:func:`vpt.data.medical.io.read_image`); of a 4D multi-channel file, channel
+    :data:`INPUT_CHANNEL`.
 
     Args:
         item: A ``"volume"`` or ``"dicom"`` input.
@@ -40,7 +46,7 @@ def read_input_volume(item: PredictionInput) -> Any:
     Raises:
         DataError: An unreadable file or series, or one that is not a 3D single-channel volume.
     """
-    return read_image(item.files if item.kind == "dicom" else item.path)
+    return read_image(item.files if item.kind == "dicom" else item.path, channel=INPUT_CHANNEL)
 
 
 def volume_array(image: Any, item: PredictionInput) -> np.ndarray:

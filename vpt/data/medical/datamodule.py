@@ -316,7 +316,7 @@ class VolumeDataset(Dataset):
         else:
             unit = self.to_unit(load_case(case).image, case.case_id, case.image)  # type: ignore[arg-type]
         planes = np.stack([np.asarray(unit[int(position)], dtype=np.float32) for position in positions])
-        direction = read_volume_geometry(case.image).direction if case.kind == "volume" else None
+        direction = read_volume_geometry(case.image, channel=case.channel).direction if case.kind == "volume" else None
         return np.clip(planes, 0.0, 1.0), display_orientation(direction)
 
 

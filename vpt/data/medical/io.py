@@ -114,7 +114,7 @@ def check_finite(image: np.ndarray, path: str | Path, case_id: str) -> None:
     )
 
 
-def check_volume_complete(path: str | Path, case_id: str | None = None) -> None:
+def check_volume_complete(path: str | Path, case_id: str | None = None, channel: int | None = None) -> None:
     """Refuse a NIfTI file whose voxel data ends early or whose affine is sheared (and, given
     ``case_id``, one holding NaN or infinite voxels, named as training names them).
 
@@ -130,7 +130,7 @@ def check_volume_complete(path: str | Path, case_id: str | None = None) -> None:
     """
     path = Path(path)
     if volume_suffix(path) in _NIFTI_SUFFIXES and _scan_nifti(path) and case_id is not None:
-        check_finite(_nifti_voxels(path), path, case_id)  # says how many and where
+        check_finite(_nifti_voxels(path, channel), path, case_id)  # says how many and where (in the channel read)
 
 
 def _scan_nifti(path: Path) -> bool:
@@ -257,12 +257,16 @@ def read_volume(path: str | Path, label: bool = False) -> tuple[np.ndarray, Spac
     return array, geometry.spacing
 
 
-def read_volume_with_geometry(path: str | Path, label: bool = False) -> tuple[np.ndarray, VolumeGeometry]:
+def read_volume_with_geometry(
+    path: str | Path, label: bool = False, channel: int | None = None
+) -> tuple[np.ndarray, VolumeGeometry]:
     """Read a volume as :func:`read_volume` does, with its origin and direction too.
 
     Args:
         path: The volume file (any of ``VOLUME_SUFFIXES``).
         label: Whether the file is a label map (see :func:`read_volume`).
+        channel: For a multi-channel 4D file (an MSD image with its modalities on a 4th
+            axis), which channel to read; ``None`` refuses such a file.
 
     Returns:
         ``(array, geometry)``: the ``(D, H, W)`` voxels and where they lie.
@@ -271,12 +275,12 @@ def read_volume_with_geometry(path: str | Path, label: bool = False) -> tuple[np
         DataError: The file is missing, unreadable, not 3D, or has another suffix.
     """
     path = _existing_volume(path)
-    image = read_image(path)
+    image = read_image(path, channel=channel)
     array = image_array(image, path, label=label)
     return array, image_geometry(image)
 
 
-def read_image(source: str | Path | Sequence[str | Path]) -> Any:
+def read_image(source: str | Path | Sequence[str | Path], channel: int | None = None) -> Any:
     """The one volume reader: a file or a DICOM series as a 3D, one-value-per-voxel ``SimpleITK.Image``.
 
     Training (through :func:`read_volume_with_geometry`), ``vpt-check-data`` and
@@ -286,6 +290,9 @@ def read_image(source: str | Path | Sequence[str | Path]) -> Any:
     Args:
         source: A volume file (any of ``VOLUME_SUFFIXES``), or the files of one DICOM series
             in slice order.
+        channel: For a 4D file with channels on its 4th axis (the Medical Segmentation
+            Decathlon's multi-modal images), the channel to read; ``None`` refuses such a
+            file. A 3D file is read as it is either way.
 
     Returns:
         The image, its voxels and geometry as ITK reads them.
@@ -321,6 +328,12 @@ def read_image(source: str | Path | Sequence[str | Path]) -> Any:
         size = list(image.GetSize())
         size[-1] = 0  # Extract drops an axis given size 0
         image = sitk.Extract(image, size, [0] * image.GetDimension())
+    if channel is not None and image.GetDimension() == 4 and image.GetNumberOfComponentsPerPixel() == 1:
+        count = int(image.GetSize()[3])
+        if not 0 <= channel < count:
+            raise DataError(f"Volume {path} has {count} channels on its 4th axis, no channel {channel}; pass one of 0..{count - 1}.")
+        size = [*image.GetSize()[:3], 0]
+        image = sitk.Extract(image, size, [0, 0, 0, channel])
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             f"Volume {path} has {image.GetDimension()} axes and {image.GetNumberOfComponentsPerPixel()} "
@@ -330,25 +343,28 @@ def read_image(source: str | Path | Sequence[str | Path]) -> Any:
     if non_finite:
         # ITK turned the NaN/inf voxels into 0; take the stored values, keep ITK's geometry,
         # so the NaN check of the caller names them rather than training on zeros.
-        image = _with_stored_voxels(image, path)
+        image = _with_stored_voxels(image, path, channel)
     return image
 
 
-def _nifti_voxels(path: Path) -> np.ndarray:
-    """The float32 voxels of a NIfTI file as nibabel decodes them (NaN kept), ``(z, y, x)``."""
+def _nifti_voxels(path: Path, channel: int | None = None) -> np.ndarray:
+    """The float32 voxels of a NIfTI file as nibabel decodes them (NaN kept), ``(z, y, x)``
+    (channel ``channel`` of a 4D file)."""
     import nibabel as nib
 
     array = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if array.ndim == 4 and channel is not None:
+        array = array[..., channel]
     return np.ascontiguousarray(np.moveaxis(array, (0, 1, 2), (2, 1, 0)))  # (x, y, z) -> (z, y, x)
 
 
-def _with_stored_voxels(image: Any, path: Path) -> Any:
+def _with_stored_voxels(image: Any, path: Path, channel: int | None = None) -> Any:
     """``image`` with its voxels as nibabel decodes them from the NIfTI file ``path``."""
     import SimpleITK as sitk
 
-    stored = sitk.GetImageFromArray(_nifti_voxels(path))
+    stored = sitk.GetImageFromArray(_nifti_voxels(path, channel))
     stored.CopyInformation(image)
     return stored
 
@@ -385,12 +401,14 @@ def image_geometry(image: Any) -> VolumeGeometry:
     return VolumeGeometry(shape, *_itk_placement(image))
 
 
-def read_volume_geometry(path: str | Path) -> VolumeGeometry:
+def read_volume_geometry(path: str | Path, channel: int | None = None) -> VolumeGeometry:
     """The shape, spacing, origin and direction of a volume file, read from its header without
     decoding voxels.
 
     Args:
         path: The volume file (any of ``VOLUME_SUFFIXES``).
+        channel: For a multi-channel 4D file, the channel a reader would take: the shape is
+            then that channel's ``(D, H, W)``.
 
     Returns:
         The geometry; ``shape`` as :func:`read_volume` would return the array (trailing
@@ -416,7 +434,10 @@ def read_volume_geometry(path: str | Path) -> VolumeGeometry:
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise _read_error(path, error) from None
-    return image_geometry(reader)
+    geometry = image_geometry(reader)
+    if channel is not None and len(geometry.shape) == 4:
+        geometry = VolumeGeometry(geometry.shape[:3], geometry.spacing, geometry.origin, geometry.direction)
+    return geometry
 
 
 def read_volume_shape(path: str | Path) -> tuple[int, ...]:

@@ -84,6 +84,8 @@ class Case:
         kind: One of ``"volume"``, ``"synapse_slices"``, ``"synapse_volume"``, ``"image2d"``.
         slice_files: For ``"synapse_slices"``: one ``.npz`` per slice, in slice order.
         slice_numbers: For ``"synapse_slices"``: the ``<k>`` of each slice file.
+        channel: For a volume file that may hold channels on a 4th axis (an MSD image), the
+            channel to read; ``None``: the file must be 3D.
     """
 
     case_id: str
@@ -92,6 +94,7 @@ class Case:
     kind: str = "volume"
     slice_files: tuple[Path, ...] = ()
     slice_numbers: tuple[int, ...] = ()
+    channel: int | None = None
 
 
 @dataclass(frozen=True)

@@ -280,10 +280,11 @@ def report_non_finite(findings: Findings, count: int, first: tuple[int, ...], ca
     )
 
 
-def header(findings: Findings, case_id: str, path: Path) -> VolumeGeometry | None:
-    """A volume's geometry from its header, or ``None`` once its problem is reported."""
+def header(findings: Findings, case_id: str, path: Path, channel: int | None = None) -> VolumeGeometry | None:
+    """A volume's geometry from its header (of ``channel`` for a multi-channel 4D file the
+    loaders read one channel of), or ``None`` once its problem is reported."""
     try:
-        geometry = read_volume_geometry(path)
+        geometry = read_volume_geometry(path, channel=channel)
     except DataError as error:
         findings.add("unreadable", str(error), case_id, path)
         return None

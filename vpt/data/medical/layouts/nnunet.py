@@ -8,7 +8,9 @@ nnU-Net layout)::
 
 Volumes may be ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` or ``.mhd``; intensities are raw
 scanner units (HU for CT) and are windowed later. vpt reads channel 0 (``_0000``, or the MSD
-image); other channels are checked for presence and otherwise ignored.
+image; an MSD image with its modalities on a 4th axis, as the Decathlon ships BrainTumour and
+Prostate, is read at channel 0 too); other channels are checked for presence and otherwise
+ignored.
 
 What ``vpt-check-data`` checks here, in depth: ``dataset.json`` (present, valid ``labels``,
 ``numTraining``, ``channel_names`` / ``modality``); images without labels and labels without
@@ -153,10 +155,11 @@ class NnUNetLayout(DatasetLayout):
             label, label_geometry = read_volume_with_geometry(case.label, label=True)
         image = None
         if not label_only or case.label is None:
-            image, image_geometry = read_volume_with_geometry(case.image)
+            image, image_geometry = read_volume_with_geometry(case.image, channel=case.channel)
             check_finite(image, case.image, case.case_id)
         else:
-            image_geometry = read_volume_geometry(case.image)  # header only: mismatches show without decoding
+            # header only: mismatches show without decoding
+            image_geometry = read_volume_geometry(case.image, channel=case.channel)
         if label_geometry is not None:
             check_geometry(case, image_geometry, label_geometry)
         depth = (label if label is not None else image).shape[0]
@@ -204,10 +207,14 @@ def _case_record(case_id: str, files: _VolumeCase, split: _Split) -> Case | None
         return None
     if None in files.images and len(files.images) > 1:
         return None
-    image = (files.images.get(None) or files.images.get(0) or [None])[0]
+    msd_image = (files.images.get(None) or [None])[0]
+    image = msd_image or (files.images.get(0) or [None])[0]
     if image is None or (split.training and not files.labels):
         return None
-    return Case(case_id, image, files.labels[0] if files.labels else None, kind="volume")
+    # An MSD image may hold its modalities on a 4th axis (BrainTumour, Prostate): channel 0
+    # is read, as nnU-Net's conversion makes it <case>_0000.
+    channel = 0 if msd_image is not None else None
+    return Case(case_id, image, files.labels[0] if files.labels else None, kind="volume", channel=channel)
 
 
 def volume_cases(images_dir: Path, labels_dir: Path, findings: Findings) -> dict[str, _VolumeCase]:
@@ -254,7 +261,10 @@ def check_volume_case(
     names were checked by the scan)."""
     image_paths = case.image_files()
     label_path = case.labels[0] if case.labels else None
-    geometries = {path: header(findings, case_id, path) for path in [*image_paths, *case.labels[:1]]}
+    # An MSD-named image may hold its modalities on a 4th axis: the loaders read channel 0.
+    msd_image = (case.images.get(None) or [None])[0]
+    channels = {path: (0 if path == msd_image else None) for path in image_paths}
+    geometries = {path: header(findings, case_id, path, channels.get(path)) for path in [*image_paths, *case.labels[:1]]}
     # Every channel is compared with the label, or with the first channel when there is no label.
     reference_path = label_path if label_path is not None and geometries[label_path] else image_paths[0]
     reference = geometries[reference_path]
@@ -268,7 +278,7 @@ def check_volume_case(
         if geometries[path] is None:
             continue  # already reported; decoding it would only repeat the problem
         try:
-            image, _ = read_volume_with_geometry(path)
+            image, _ = read_volume_with_geometry(path, channel=channels[path])
         except DataError as error:
             findings.add("unreadable", str(error), case_id, path)
             continue
