@@ -282,3 +282,19 @@ def test_an_msd_folder_with_4d_multimodal_images_trains_on_channel_0(tmp_path: P
     assert arrays.image.shape == arrays.label.shape == organ_label().shape
     module = VolumeSegmentationDataModule(tmp_path, image_size=8, val_fraction=0.5, test_fraction=0.0, cache=False)
     assert len(module.dataset("train")) > 0
+
+
+def test_a_test_case_is_not_refused_for_a_training_case_of_the_same_name(tmp_path: Path) -> None:
+    """imagesTr/a has only a label (an extra label: a stray file for the loaders), imagesTs/a
+    misses a declared channel (a warning-free error the loaders tolerate for test cases): the
+    loaders list Ts/a and do not stop on Tr/a's name."""
+    write_dataset_json(tmp_path, num_training=1, channel_names={"0": "T2", "1": "ADC"})
+    write_case(tmp_path, "b")
+    write_itk(tmp_path / "imagesTr" / "b_0001.nii.gz", np.zeros(organ_label().shape, dtype=np.float32))
+    write_itk(tmp_path / "labelsTr" / "a.nii.gz", organ_label())
+    write_itk(tmp_path / "imagesTs" / "a_0000.nii.gz", np.zeros(organ_label().shape, dtype=np.float32))
+    write_itk(tmp_path / "labelsTs" / "a.nii.gz", organ_label())
+    kinds = {(problem.case, problem.kind) for problem in check_dataset(tmp_path)}
+    assert ("a", "extra_label") in kinds and ("a", "missing_channel") in kinds
+    index = find_cases(tmp_path)
+    assert [case.case_id for case in index.cases] == ["b"] and [case.case_id for case in index.test] == ["a"]

@@ -155,6 +155,8 @@ class ScannedCase:
         role: Where loaders put it: ``"cases"`` (labelled, split into train/val/test),
             ``"test"`` (an official labelled test case) or ``"unlabeled"``.
         files: Layout-specific grouping the checks read (channels, slices), or ``None``.
+        problems: The problems the scan reported for this case (in this group), when the
+            layout records them; else its problems are found by case id.
     """
 
     group: str
@@ -162,6 +164,7 @@ class ScannedCase:
     case: Case | None
     role: str = "cases"
     files: Any = None
+    problems: tuple[Any, ...] | None = None
 
 
 class DatasetLayout:
@@ -232,14 +235,21 @@ class DatasetLayout:
         scanned = self.scan(root, findings)
         # A training case the scan could not make a record of (no channel 0, say) stops the run
         # too, with the scan's words; a label without an image is only a stray file here.
-        unusable = {item.case_id for item in scanned if item.case is None and item.role == "cases"}
+        unusable = [item for item in scanned if item.case is None and item.role == "cases"]
+        unusable_ids = {item.case_id for item in unusable if item.problems is None}
+        unusable_problems = {id(problem) for item in unusable for problem in item.problems or ()}
+
+        def stops_the_run(problem: Any) -> bool:
+            if problem.kind in self.refused_at_load:
+                return True
+            of_unusable = id(problem) in unusable_problems or problem.case in unusable_ids
+            return of_unusable and problem.kind != "extra_label"
+
         # A folder of official test cases alone can still be evaluated (vpt-evaluate split=test).
         has_test = any(item.role == "test" and item.case is not None for item in scanned)
         refused = [
             problem for problem in findings.problems
-            if problem.level == "error"
-            and (problem.kind in self.refused_at_load or (problem.case in unusable and problem.kind != "extra_label"))
-            and not (problem.kind == "no_cases" and has_test)
+            if problem.level == "error" and stops_the_run(problem) and not (problem.kind == "no_cases" and has_test)
         ]
         if refused:
             message = refused[0].message

@@ -138,10 +138,12 @@ class NnUNetLayout(DatasetLayout):
             split = _split(root, name, cases, spec)
             for case_id in sorted(cases):
                 files = cases[case_id]
+                before = len(findings.problems)
                 usable = check_case_files(root, findings, split, case_id, files)
                 record = _case_record(case_id, files, split) if usable else None
                 role = "cases" if split.training else ("test" if files.labels else "unlabeled")
-                scanned.append(ScannedCase(name, case_id, record, role, (files, split)))
+                problems = tuple(findings.problems[before:])
+                scanned.append(ScannedCase(name, case_id, record, role, (files, split), problems))
         return scanned
 
     def check_case(self, root: Path, findings: Findings, item: ScannedCase, read_values: bool) -> None:
