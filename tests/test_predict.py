@@ -386,6 +386,7 @@ def test_the_saved_preprocessing_is_what_the_data_module_applies(runs) -> None:
     datamodule = build_task(OmegaConf.load(runs["seg"] / "config.yaml")).datamodule
     datamodule.setup("test")
     assert datamodule.preprocessing_record() == saved  # the object testing builds its inputs from
+    assert datamodule.evaluation_inputs().geometry == datamodule.geometry  # and training its slices
     case = datamodule.cases("test")[0]
     loaded = datamodule.volume_dataset("test")[0]["image"]  # (D, 3, H, W), as testing scored it
     volume, spacing = read_volume(case.image)

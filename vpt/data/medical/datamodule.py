@@ -847,9 +847,13 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                     f"The {split} split of {self.root} has no slices ({len(self.cases(split))} cases); add cases "
                     "or change task.data.val_fraction/test_fraction."
                 )
-            geometry = self.geometry
+            # The record's values (the object saved with the weights and rebuilt by vpt-predict),
+            # with the training augmentation on top for the training split.
+            inputs = self.evaluation_inputs()
+            geometry = inputs.geometry
+            assert geometry is not None, "a volume data module always has a slice geometry"
             transform = build_segmentation_transforms(
-                self.image_size, train=training, augment=self.augment, seed=self.seed if training else None,
+                inputs.image_size, train=training, augment=self.augment, seed=self.seed if training else None,
                 crop_size=geometry.patch_size if training else None,
             )
             if geometry.tiled and not training:
@@ -859,7 +863,7 @@ class VolumeSegmentationDataModule(L.LightningDataModule):
                     for record in records
                     for origin in geometry.tiles(geometry.network_shape(record.shape, record.spacing))
                 ]
-            self._datasets[key] = SliceDataset(records, transform, self.mean, self.std, self.num_classes, geometry)
+            self._datasets[key] = SliceDataset(records, transform, inputs.mean, inputs.std, self.num_classes, geometry)
         return self._datasets[key]  # type: ignore[return-value]
 
     def volume_dataset(self, split: str) -> VolumeDataset:
