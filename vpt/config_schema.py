@@ -21,8 +21,8 @@ three below. ``task.data`` stays a free mapping; the data module's constructor c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -142,11 +142,9 @@ def _typed(section: Any, schema: type, where: str, source: str) -> DictConfig:
 def _schema_at(schema: type, path: list[str]) -> type | None:
     """The dataclass at ``path`` inside ``schema`` (``["loss"]`` -> :class:`LossConfig`)."""
     for name in path:
-        found = next((item for item in fields(schema) if item.name == name), None)
-        default = found.default_factory() if found is not None and callable(found.default_factory) else None  # type: ignore[misc]
-        if default is None or not hasattr(default, "__dataclass_fields__"):
+        schema = get_type_hints(schema).get(name)  # type: ignore[assignment]
+        if not is_dataclass(schema):
             return None
-        schema = type(default)
     return schema
 
 

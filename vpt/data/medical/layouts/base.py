@@ -265,10 +265,6 @@ class DatasetLayout:
         for item in scanned:
             if item.case is not None:
                 roles[item.role].append(item.case)
-        if roles["test"] and roles["unlabeled"]:
-            _logger.warning(
-                "%d test images in %s have no label; they are not used.", len(roles["unlabeled"]), root
-            )
         ordered = {role: tuple(sorted(cases, key=lambda case: case.case_id)) for role, cases in roles.items()}
         return CaseIndex(
             self.name, root, class_names, ordered["cases"], ordered["test"], ordered["unlabeled"], self.intensity
